@@ -1,0 +1,165 @@
+"""CondSCVI's VAEC: a cell-type-conditional VAE, the single-cell reference model behind DestVI.
+
+The label (cell type) is one-hot injected into every layer of encoder and decoder; the batch enters
+the decoder as a learned 5-d embedding. NB likelihood with the raw total count as library:
+``mu = total * softmax(px_decoder(h) + per_ct_bias[label])``. Parameter names match scvi-tools'
+``VAEC`` state dict.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from scvi_cli.minibatch import Minibatch
+from scvi_cli.models.kmeans import kmeans
+from scvi_cli.models.outputs import LossOutput, gaussian_kl_to_standard
+from scvi_cli.nn import Encoder, FCLayers, NegativeBinomial
+
+BATCH_EMBEDDING_DIM = 5
+
+
+class VAEC(nn.Module):
+    """Conditional VAE p(x | z, label, batch) with q(z | x, label).
+
+    ``ct_weight`` (n_labels,) multiplies each cell's loss by its label's weight (1 by default).
+    ``n_batch`` is keyword-only: one embedding row per batch (1 = a single batch).
+    """
+
+    def __init__(
+        self,
+        n_input: int,
+        n_labels: int,
+        n_hidden: int = 128,
+        n_latent: int = 5,
+        n_layers: int = 2,
+        log_variational: bool = True,
+        ct_weight: np.ndarray | torch.Tensor | None = None,
+        dropout_rate: float = 0.05,
+        *,
+        n_batch: int = 1,
+    ):
+        super().__init__()
+        self.n_input = n_input
+        self.n_labels = n_labels
+        self.n_batch = n_batch
+        self.n_latent = n_latent
+        self.log_variational = log_variational
+        self.dispersion = "gene"
+        self.gene_likelihood = "nb"
+        self.latent_distribution = "normal"
+        self._embeddings_dict = nn.ModuleDict({"batch": nn.Embedding(n_batch, BATCH_EMBEDDING_DIM)})
+        self.px_r = nn.Parameter(torch.randn(n_input))
+        stack = dict(
+            n_cat_list=[n_labels],
+            n_layers=n_layers,
+            n_hidden=n_hidden,
+            dropout_rate=dropout_rate,
+            inject_covariates=True,
+            use_batch_norm=False,
+            use_layer_norm=True,
+        )
+        self.z_encoder = Encoder(n_input, n_latent, **stack)
+        self.decoder = FCLayers(n_in=n_latent + BATCH_EMBEDDING_DIM, n_out=n_hidden, **stack)
+        self.px_decoder = nn.Linear(n_hidden, n_input)
+        self.per_ct_bias = nn.Parameter(torch.zeros(n_labels, n_input))
+        weight = torch.ones(n_labels) if ct_weight is None else torch.as_tensor(np.asarray(ct_weight), dtype=torch.float32)
+        if weight.shape != (n_labels,):
+            raise ValueError(f"ct_weight must have shape ({n_labels},), got {tuple(weight.shape)}")
+        self.register_buffer("ct_weight", weight)
+
+    def inference(self, x: torch.Tensor, labels: torch.Tensor, n_samples: int = 1) -> dict[str, torch.Tensor]:
+        x_ = torch.log1p(x) if self.log_variational else x
+        qz_m, qz_v, z = self.z_encoder(x_, labels)
+        library = x.sum(dim=1, keepdim=True)
+        if n_samples > 1:
+            z = qz_m + qz_v.sqrt() * torch.randn((n_samples, *qz_m.shape), device=qz_m.device)
+            library = library.expand(n_samples, *library.shape)
+        return {"qz_m": qz_m, "qz_v": qz_v, "z": z, "library": library}
+
+    def generative(self, z: torch.Tensor, library: torch.Tensor, labels: torch.Tensor, batch_index: torch.Tensor) -> dict:
+        batch_rep = self._embeddings_dict["batch"](batch_index.reshape(-1))
+        batch_rep = batch_rep.expand(*z.shape[:-1], BATCH_EMBEDDING_DIM)
+        h = self.decoder(torch.cat([z, batch_rep], dim=-1), labels)
+        px_scale = torch.softmax(self.px_decoder(h) + self.per_ct_bias[labels.reshape(-1)], dim=-1)
+        px_rate = library * px_scale
+        theta = torch.exp(self.px_r)
+        return {"px": NegativeBinomial(px_rate, theta), "px_scale": px_scale, "px_rate": px_rate, "px_r": theta}
+
+    def loss(self, x: torch.Tensor, inference_outputs, generative_outputs, labels: torch.Tensor, kl_weight: float = 1.0) -> LossOutput:
+        reconstruction_loss = -generative_outputs["px"].log_prob(x).sum(dim=-1)
+        kl_z = gaussian_kl_to_standard(inference_outputs["qz_m"], inference_outputs["qz_v"]).sum(dim=-1)
+        cell_weight = self.ct_weight[labels.reshape(-1)]
+        loss = torch.mean(cell_weight * (reconstruction_loss + kl_weight * kl_z))
+        return LossOutput(loss=loss, reconstruction_loss=reconstruction_loss, kl_local=kl_z)
+
+    def forward(self, batch: Minibatch, kl_weight: float = 1.0) -> LossOutput:
+        inference_outputs = self.inference(batch.x, batch.labels)
+        generative_outputs = self.generative(inference_outputs["z"], inference_outputs["library"], batch.labels, batch.batch_index)
+        return self.loss(batch.x, inference_outputs, generative_outputs, batch.labels, kl_weight)
+
+    # ------------------------------------------------------------------------------- queries
+    @torch.no_grad()
+    def latent(self, batch: Minibatch, give_mean: bool = True) -> torch.Tensor:
+        out = self.inference(batch.x, batch.labels)
+        return out["qz_m"] if give_mean else out["z"]
+
+    @torch.no_grad()
+    def latent_distribution_params(self, batch: Minibatch) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.inference(batch.x, batch.labels)
+        return out["qz_m"], out["qz_v"]
+
+    @torch.no_grad()
+    def sample_scale(self, batch: Minibatch, transform_batch: int | None = None, n_samples: int = 0) -> torch.Tensor:
+        """Normalised expression (B, G) from the posterior mean of z, or averaged over n_samples draws."""
+        out = self.inference(batch.x, batch.labels, n_samples=max(n_samples, 1))
+        z = out["qz_m"] if n_samples == 0 else out["z"]
+        library = out["library"]
+        batch_index = batch.batch_index if transform_batch is None else torch.full_like(batch.batch_index, int(transform_batch))
+        scale = self.generative(z, library, batch.labels, batch_index)["px_scale"]
+        return scale.mean(dim=0) if n_samples > 1 else scale
+
+    @torch.no_grad()
+    def sample(
+        self, batch: Minibatch, n_samples: int = 1, transform_batch: int | None = None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """(n_samples, B, G) posterior predictive counts: z ~ q(z|x), then x ~ NB(mu, theta)."""
+        batch_index = batch.batch_index if transform_batch is None else torch.full_like(batch.batch_index, int(transform_batch))
+        draws = []
+        for _ in range(n_samples):
+            out = self.inference(batch.x, batch.labels)
+            px = self.generative(out["z"], out["library"], batch.labels, batch_index)["px"]
+            draws.append(px.sample(generator))
+        return torch.stack(draws)
+
+    posterior_predictive_sample = sample
+
+    @staticmethod
+    def get_vamp_prior(
+        latent_means: np.ndarray, latent_vars: np.ndarray, label_codes: np.ndarray, n_labels: int, p: int = 10, seed: int = 0
+    ) -> dict[str, np.ndarray]:
+        """Per-label mixture summary of the posterior, the empirical prior DestVI uses.
+
+        Each label's posterior means are grouped into p k-means clusters (every cell its own
+        cluster when the label has at most p cells). Per cluster: the mean of the means, the
+        variance ``mean(vars) + var(means)`` (law of total variance), and the cluster's share of
+        the label's cells as weight. Unused slots keep mean 0, variance 1, weight 0.
+        Returns arrays mean (n_labels, p, D), var (n_labels, p, D), weights (n_labels, p).
+        """
+        n_latent = latent_means.shape[1]
+        means = np.zeros((n_labels, p, n_latent))
+        variances = np.ones((n_labels, p, n_latent))
+        weights = np.zeros((n_labels, p))
+        for label in range(n_labels):
+            cells = np.flatnonzero(label_codes == label)
+            if len(cells) == 0:
+                continue
+            clusters = kmeans(latent_means[cells], p, seed=seed) if len(cells) > p else np.arange(len(cells))
+            keys, counts = np.unique(clusters, return_counts=True)
+            for slot, key in enumerate(keys):
+                members = cells[clusters == key]
+                means[label, slot] = latent_means[members].mean(axis=0)
+                variances[label, slot] = latent_vars[members].mean(axis=0) + latent_means[members].var(axis=0)
+            weights[label, : len(keys)] = counts / counts.sum()
+        return {"mean_vprior": means, "var_vprior": variances, "weights_vprior": weights}
