@@ -14,7 +14,7 @@ from torch import nn
 
 from scvi_cli.minibatch import Minibatch
 from scvi_cli.models.kmeans import kmeans
-from scvi_cli.models.outputs import LossOutput, gaussian_kl_to_standard
+from scvi_cli.models.outputs import LossOutput, gaussian_kl_to_standard, gaussian_log_prob
 from scvi_cli.nn import Encoder, FCLayers, NegativeBinomial
 
 BATCH_EMBEDDING_DIM = 5
@@ -134,6 +134,19 @@ class VAEC(nn.Module):
         return torch.stack(draws)
 
     posterior_predictive_sample = sample
+
+    @torch.no_grad()
+    def marginal_ll(self, batch: Minibatch, n_mc_samples: int = 100) -> torch.Tensor:
+        """(B,) importance-sampling estimate of log p(x | label) with q(z | x, label) as proposal."""
+        out = self.inference(batch.x, batch.labels)
+        qz_m, qz_v = out["qz_m"], out["qz_v"]
+        draws = qz_m + qz_v.sqrt() * torch.randn((n_mc_samples, *qz_m.shape), device=qz_m.device)
+        log_weight = (
+            gaussian_log_prob(draws, torch.zeros_like(qz_m), torch.ones_like(qz_v)) - gaussian_log_prob(draws, qz_m, qz_v)
+        ).sum(dim=-1)
+        px = self.generative(draws, out["library"], batch.labels, batch.batch_index)["px"]
+        log_weight = log_weight + px.log_prob(batch.x).sum(dim=-1)
+        return torch.logsumexp(log_weight, dim=0) - np.log(n_mc_samples)
 
     @staticmethod
     def get_vamp_prior(

@@ -1,0 +1,76 @@
+"""Held-out likelihood of default scVI on scdcc_pbmc4k_top2000, against scvi-tools 1.5.1's figure.
+
+Protocol (the same as the reference run): a fixed 90/10 cell split (numpy default_rng(0)
+permutation; the first 10% held out), default scVI trained on the 90% with train_size 1.0,
+batch size 128, 100 epochs; then per-cell negative ELBO and reconstruction NLL on the held-out
+10%. scvi-tools 1.5.1 reaches 623.4 / 600.5 there (1.18 s per epoch on 2 CPU threads).
+
+    python benchmarks/fidelity_pbmc4k.py [--data PATH] [--epochs 100] [--threads 2] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+
+from scvi_cli.evaluation import evaluate_model
+from scvi_cli.progress import LineReporter
+from scvi_cli.spec import load_spec
+from scvi_cli.train_job import train_from_h5ad
+from scvi_cli.trained_model import load_trained_model
+
+REFERENCE = {"negative_elbo": 623.4, "reconstruction_nll": 600.5, "seconds_per_epoch": 1.18}
+DEFAULT_DATA = Path(__file__).resolve().parents[1] / "scvi_cli" / "datasets" / "scdcc_pbmc4k_top2000.h5ad"
+
+
+def split(data: Path, workdir: Path) -> tuple[Path, Path]:
+    adata = ad.read_h5ad(data)
+    order = np.random.default_rng(0).permutation(adata.n_obs)
+    n_test = adata.n_obs // 10
+    test, train = np.sort(order[:n_test]), np.sort(order[n_test:])
+    train_path, test_path = workdir / "train90.h5ad", workdir / "test10.h5ad"
+    adata[train].copy().write_h5ad(train_path)
+    adata[test].copy().write_h5ad(test_path)
+    return train_path, test_path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args()
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="scvi-cli-fidelity-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    train_path, test_path = split(args.data, workdir)
+    spec = load_spec(None, [f"train.max_epochs={args.epochs}", "train.train_size=1.0", f"train.seed={args.seed}"])
+    started = time.perf_counter()
+    result = train_from_h5ad(train_path, spec, workdir / "model.ckpt", device="cpu", threads=args.threads,
+                             reporter=LineReporter(every=10))
+    seconds = time.perf_counter() - started
+    trained = load_trained_model(result.checkpoint_path)
+    metrics = evaluate_model(trained.module, trained.load_query(test_path), n_mc_samples=0)
+    report = {
+        "held_out_cells": metrics["n_cells"],
+        "negative_elbo": round(metrics["negative_elbo"], 2),
+        "reconstruction_nll": round(metrics["reconstruction_nll"], 2),
+        "negative_elbo_ratio_to_scvi_tools": round(metrics["negative_elbo"] / REFERENCE["negative_elbo"], 4),
+        "reconstruction_ratio_to_scvi_tools": round(metrics["reconstruction_nll"] / REFERENCE["reconstruction_nll"], 4),
+        "seconds_per_epoch": round(seconds / args.epochs, 3),
+        "epochs": args.epochs,
+        "threads": args.threads,
+        "seed": args.seed,
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""`scvi-cli train`: h5ad + YAML spec in, one checkpoint (and its history CSV) out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from scvi_cli.cli import options
+
+EPILOG = (
+    "Examples:\n\n"
+    "  scvi-cli train pbmc.h5ad --spec example_configs/scvi_zinb_batch.yaml --out pbmc.ckpt\n\n"
+    "  scvi-cli train pbmc.h5ad --out pbmc.ckpt --set model.n_latent=20 --set train.max_epochs=50\n\n"
+    "  scvi-cli train ref.h5ad --spec example_configs/condscvi.yaml --out ref.ckpt --device cuda --seed 1"
+)
+
+
+def train(
+    data: Path = typer.Argument(..., help="Input .h5ad with raw counts (X, a layer, or raw.X; see data.layer)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Checkpoint to write (e.g. model.ckpt); history goes to model.history.csv."),
+    spec: Optional[Path] = typer.Option(None, "--spec", "-s", help="YAML model spec (sections model, data, train); defaults when omitted."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a spec key: SECTION.KEY=VALUE (repeatable)."),
+    device: str = options.Device,
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Random seed (same as --set train.seed=N)."),
+    threads: Optional[int] = options.Threads,
+    quiet: bool = options.Quiet,
+    as_json: bool = typer.Option(False, "--json", help="Print a final JSON summary on stdout."),
+) -> None:
+    """Train a model on an h5ad file and write one checkpoint file."""
+    from scvi_cli.progress import make_reporter
+    from scvi_cli.spec import load_spec
+
+    spec_obj = load_spec(spec, list(overrides) + ([f"train.seed={seed}"] if seed is not None else []))
+    from scvi_cli.train_job import train_from_h5ad
+
+    reporter = make_reporter(quiet)
+    result = train_from_h5ad(data, spec_obj, out, device=device, threads=threads, reporter=reporter)
+    final = result.final_metrics()
+    if as_json:
+        summary = {"checkpoint": str(result.checkpoint_path), "history": str(result.history_path),
+                   "training": result.training, "final_metrics": final}
+        typer.echo(json.dumps(summary))
+    elif not quiet:
+        shown = {k: round(v, 3) for k, v in final.items() if k.startswith(("elbo", "reconstruction", "kl_local"))}
+        reporter.message(f"final metrics per cell: {shown}")
+        reporter.message(
+            f"wrote {result.checkpoint_path} and {result.history_path} "
+            f"({result.training['epochs_run']} epochs, {result.training['seconds']:.1f} s)"
+        )

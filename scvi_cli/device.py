@@ -1,0 +1,56 @@
+"""Where computation runs: device selection and thread limits, checked before any work starts."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+
+from scvi_cli.errors import DeviceUnavailableError, UsageError
+
+_THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps' -> torch.device; a missing GPU is an error."""
+    name = name.strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if re.fullmatch(r"cuda(:\d+)?", name):
+        if not torch.cuda.is_available():
+            raise DeviceUnavailableError(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__})")
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise DeviceUnavailableError(
+                f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible"
+            )
+        return torch.device(name)
+    if name == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise DeviceUnavailableError("--device mps: Apple MPS is not available on this machine")
+        return torch.device("mps")
+    raise UsageError(f"--device {name!r}: expected auto, cpu, cuda, cuda:N or mps")
+
+
+def limit_threads(threads: int | None) -> None:
+    """Cap torch's intra-op pool and the BLAS/OpenMP pools (for libraries loaded after this call).
+
+    On shared HPC nodes a job must not use more cores than it was given; the same thread count
+    also makes CPU results reproducible run to run.
+    """
+    if threads is None:
+        return
+    if threads < 1:
+        raise UsageError(f"--threads {threads}: must be at least 1")
+    for variable in _THREAD_VARIABLES:
+        os.environ[variable] = str(threads)
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(threads)
+    except RuntimeError:  # already set once in this process: the intra-op limit still applies
+        pass

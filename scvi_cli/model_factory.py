@@ -1,0 +1,88 @@
+"""Spec + data facts -> module constructor arguments -> module, and back from a checkpoint.
+
+The constructor arguments are plain values (lists, not arrays) so that they are stored in the
+checkpoint verbatim and a model is rebuilt from the file alone.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from torch import nn
+
+from scvi_cli.data import CountData, library_log_priors
+from scvi_cli.errors import DataError
+from scvi_cli.models import LDVAE, VAE, VAEC
+from scvi_cli.spec import Spec
+
+MODULES: dict[str, type[nn.Module]] = {"scvi": VAE, "ldvae": LDVAE, "condscvi": VAEC}
+
+
+def inverse_label_weights(label_codes: np.ndarray, n_labels: int) -> list[float]:
+    """CondSCVI's ``weight_obs``: 1 / label proportion, proportions floored at 0.05 and renormalised."""
+    proportions = np.bincount(label_codes, minlength=n_labels) / len(label_codes)
+    proportions = np.maximum(proportions, 0.05)
+    proportions = proportions / proportions.sum()
+    return (1.0 / proportions).tolist()
+
+
+def model_kwargs(spec: Spec, data: CountData) -> dict:
+    """Constructor arguments of the spec's module for this data (plain values only)."""
+    model = spec.model
+    if model.type == "condscvi":
+        if data.n_labels < 2:
+            raise DataError(
+                f"{data.source}: CondSCVI needs at least 2 cell types in obs[{spec.data.labels_key!r}], "
+                f"found {data.n_labels} ({', '.join(data.categories['labels'])})"
+            )
+        kwargs = dict(
+            n_input=data.n_genes,
+            n_labels=data.n_labels,
+            n_hidden=model.n_hidden,
+            n_latent=model.n_latent,
+            n_layers=model.n_layers,
+            log_variational=model.log_variational,
+            dropout_rate=model.dropout_rate,
+            n_batch=data.n_batch,
+        )
+        if model.weight_obs:
+            kwargs["ct_weight"] = inverse_label_weights(data.label_codes, data.n_labels)
+        return kwargs
+
+    kwargs = dict(
+        n_input=data.n_genes,
+        n_batch=data.n_batch,
+        n_labels=data.n_labels,
+        n_hidden=model.n_hidden,
+        n_latent=model.n_latent,
+        dropout_rate=model.dropout_rate,
+        dispersion=model.dispersion,
+        log_variational=model.log_variational,
+        gene_likelihood=model.gene_likelihood,
+        latent_distribution=model.latent_distribution,
+        use_observed_lib_size=model.use_observed_lib_size,
+    )
+    if model.type == "scvi":
+        kwargs.update(
+            n_layers=model.n_layers,
+            n_continuous_cov=len(data.cont_cov_keys),
+            n_cats_per_cov=data.n_cats_per_cov,
+            encode_covariates=model.encode_covariates,
+            deeply_inject_covariates=model.deeply_inject_covariates,
+            use_batch_norm=model.use_batch_norm,
+            use_layer_norm=model.use_layer_norm,
+        )
+    else:
+        kwargs.update(n_layers_encoder=model.n_layers, use_batch_norm=model.use_batch_norm, bias=model.bias)
+    if not model.use_observed_lib_size:
+        means, variances = library_log_priors(data.X, data.batch_codes, data.n_batch)
+        kwargs.update(library_log_means=means.tolist(), library_log_vars=variances.tolist())
+    return kwargs
+
+
+def build_model(model_type: str, kwargs: dict) -> nn.Module:
+    """Instantiate the module for ``model_type`` ('scvi' | 'ldvae' | 'condscvi')."""
+    kwargs = dict(kwargs)
+    for key in ("library_log_means", "library_log_vars", "ct_weight"):
+        if kwargs.get(key) is not None:
+            kwargs[key] = np.asarray(kwargs[key], dtype=np.float32)
+    return MODULES[model_type](**kwargs)

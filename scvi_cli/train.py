@@ -1,0 +1,193 @@
+"""The training loop: one visible function from minibatches to fitted weights and history.
+
+Nothing here reads files or holds global state: the model, the minibatch sources, the settings and
+(when resuming) a ``TrainingState`` go in; the updated ``TrainingState`` comes out. That keeps the
+step usable from the CLI, from Python, and later from one process per GPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from scvi_cli.minibatch import Minibatch
+from scvi_cli.models.outputs import LossOutput
+
+METRICS = ("reconstruction_loss", "kl_local", "elbo")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Resolved optimisation settings (the spec's ``train`` section with defaults filled in)."""
+
+    max_epochs: int
+    lr: float = 1e-3
+    eps: float = 0.01
+    weight_decay: float = 1e-6
+    kl_warmup_epochs: int = 400
+    early_stopping: bool = False
+    early_stopping_patience: int = 45
+    early_stopping_min_delta: float = 0.0
+
+
+@dataclass
+class TrainingState:
+    """Everything needed to continue a run exactly where it stopped."""
+
+    epoch: int = 0  # the next epoch to run
+    history: dict[str, list[float]] = field(default_factory=dict)
+    optimizer_state: dict | None = None
+    best_elbo: float = math.inf
+    best_epoch: int = -1
+    best_state_dict: dict[str, torch.Tensor] | None = None
+    epochs_without_improvement: int = 0
+    stopped_early: bool = False
+    interrupted: bool = False  # should_stop() ended the run between two steps
+    step_in_epoch: int = 0  # steps of ``epoch`` already taken (non-zero only after an interruption)
+    partial_sums: dict[str, float] | None = None  # the metric sums of those steps
+    seconds: float = 0.0
+
+
+def kl_weight(epoch: int, warmup_epochs: int) -> float:
+    """Linear KL warm-up by epoch: 0 in the first epoch, 1 from ``warmup_epochs`` on."""
+    if warmup_epochs <= 0:
+        return 1.0
+    return min(epoch / warmup_epochs, 1.0)
+
+
+def make_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
+    """Adam with L2 weight decay added to the gradient (not decoupled), as scvi-tools does.
+
+    The fused kernel (one multi-tensor update instead of a loop over parameters) is used where
+    torch provides it for every parameter's device; it computes the same update.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    options = dict(lr=settings.lr, eps=settings.eps, weight_decay=settings.weight_decay)
+    try:
+        return torch.optim.Adam(params, fused=True, **options)
+    except (RuntimeError, ValueError):
+        return torch.optim.Adam(params, **options)
+
+
+class _MetricSums:
+    """Per-cell sums of the loss terms, turned into per-cell averages at the end of an epoch."""
+
+    def __init__(self, saved: dict[str, float] | None = None):
+        saved = dict(saved or {})
+        self.n_cells = int(saved.pop("n_cells", 0))
+        self.sums = {name: float(saved.get(name, 0.0)) for name in METRICS}
+
+    def to_dict(self) -> dict[str, float]:
+        return {**self.sums, "n_cells": self.n_cells}
+
+    def add(self, out: LossOutput) -> None:
+        self.sums["reconstruction_loss"] += out.reconstruction_loss.detach().sum().item()
+        self.sums["kl_local"] += out.kl_local.detach().sum().item()
+        self.sums["elbo"] += out.elbo.detach().sum().item()
+        self.n_cells += out.reconstruction_loss.shape[0]
+
+    def averages(self) -> dict[str, float]:
+        return {name: total / max(self.n_cells, 1) for name, total in self.sums.items()}
+
+
+@torch.no_grad()
+def evaluate_elbo(model: torch.nn.Module, batches: Iterable[Minibatch], device: torch.device | str = "cpu") -> dict[str, float]:
+    """Per-cell averages of reconstruction NLL, KL and negative ELBO, in eval mode (kl weight 1)."""
+    was_training = model.training
+    model.eval()
+    sums = _MetricSums()
+    for batch in batches:
+        sums.add(model(batch.to(device), kl_weight=1.0))
+    model.train(was_training)
+    return sums.averages()
+
+
+def fit(
+    model: torch.nn.Module,
+    train_batches,
+    validation_batches=None,
+    *,
+    settings: TrainSettings,
+    device: torch.device | str = "cpu",
+    state: TrainingState | None = None,
+    on_epoch_end: Callable[[TrainingState, dict[str, float]], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> TrainingState:
+    """Train ``model`` in place for ``settings.max_epochs`` epochs (or until early stopping).
+
+    ``train_batches`` / ``validation_batches`` are minibatch sources (iterable, with
+    ``set_epoch``). ``on_epoch_end(state, metrics)`` is called after each epoch (progress, logs,
+    periodic checkpoints); ``should_stop()`` is polled after every step so that a signal ends the
+    run between two steps: ``fit`` then returns with ``state.interrupted`` set, and the model's
+    weights, ``state`` and the torch RNG state together resume the run exactly.
+    """
+    state = state or TrainingState()
+    model.to(device)
+    optimizer = make_optimizer(model, settings)
+    if state.optimizer_state is not None:
+        optimizer.load_state_dict(state.optimizer_state)
+    monitor = settings.early_stopping and validation_batches is not None
+
+    state.interrupted = False
+    while state.epoch < settings.max_epochs and not state.stopped_early:
+        started = time.perf_counter()
+        weight = kl_weight(state.epoch, settings.kl_warmup_epochs)
+        model.train()
+        train_batches.set_epoch(state.epoch)
+        sums = _MetricSums(state.partial_sums)
+        # After an interruption, replay the epoch's (seeded) order and skip the steps already taken.
+        for step, batch in enumerate(train_batches):
+            if step < state.step_in_epoch:
+                continue
+            out = model(batch.to(device), kl_weight=weight)
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            optimizer.step()
+            sums.add(out)
+            if should_stop is not None and should_stop():
+                state.step_in_epoch, state.partial_sums = step + 1, sums.to_dict()
+                state.optimizer_state = optimizer.state_dict()
+                state.seconds += time.perf_counter() - started
+                state.interrupted = True
+                return state
+        state.step_in_epoch, state.partial_sums = 0, None
+
+        metrics = {f"{name}_train": value for name, value in sums.averages().items()}
+        metrics["kl_weight"] = weight
+        if validation_batches is not None and len(validation_batches) > 0:
+            validation = evaluate_elbo(model, validation_batches, device)
+            metrics.update({f"{name}_validation": value for name, value in validation.items()})
+        state.seconds += time.perf_counter() - started
+        metrics["seconds"] = time.perf_counter() - started
+        _append(state.history, state.epoch, metrics)
+
+        if monitor:
+            current = metrics["elbo_validation"]
+            if current < state.best_elbo - settings.early_stopping_min_delta:
+                state.best_elbo, state.best_epoch = current, state.epoch
+                state.best_state_dict = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+                state.epochs_without_improvement = 0
+            else:
+                state.epochs_without_improvement += 1
+                if state.epochs_without_improvement >= settings.early_stopping_patience:
+                    state.stopped_early = True
+        state.epoch += 1
+        state.optimizer_state = optimizer.state_dict()
+        if on_epoch_end is not None:
+            on_epoch_end(state, metrics)
+
+    if monitor and state.best_state_dict is not None:
+        model.load_state_dict(state.best_state_dict)
+    model.eval()
+    return state
+
+
+def _append(history: dict[str, list[float]], epoch: int, metrics: dict[str, float]) -> None:
+    """Row ``epoch`` of the history (epochs run contiguously from 0, so the row index is the epoch)."""
+    for name, value in metrics.items():
+        history.setdefault(name, []).append(float(value))
