@@ -74,6 +74,13 @@ def model_kwargs(spec: Spec, data: CountData) -> dict:
     else:
         kwargs.update(n_layers_encoder=model.n_layers, use_batch_norm=model.use_batch_norm, bias=model.bias)
     if not model.use_observed_lib_size:
+        sizes = np.bincount(data.batch_codes, minlength=data.n_batch)
+        small = [f"{data.categories['batch'][b]!r} ({sizes[b]} cell)" for b in np.flatnonzero(sizes < 2)]
+        if small:
+            raise DataError(
+                f"{data.source}: the latent library's prior needs at least 2 cells per batch; "
+                f"obs[{spec.data.batch_key!r}] has {', '.join(small)}"
+            )
         means, variances = library_log_priors(data.X, data.batch_codes, data.n_batch)
         kwargs.update(library_log_means=means.tolist(), library_log_vars=variances.tolist())
     return kwargs

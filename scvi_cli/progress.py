@@ -84,6 +84,46 @@ class RichReporter(SilentReporter):
         self.progress.stop()
 
 
+class LogFileReporter(SilentReporter):
+    """Forwards to another reporter and also appends every epoch and message to a log file.
+
+    The file starts with whatever header the caller writes (command line, versions), so a run can
+    be reproduced from its log alone.
+    """
+
+    def __init__(self, inner, path):
+        self.inner = inner
+        self.file = open(path, "a", encoding="utf-8")
+        self.total = 0
+
+    def header(self, lines: list[str]) -> None:
+        for line in lines:
+            self.file.write(line + "\n")
+        self.file.flush()
+
+    def start(self, total_epochs: int, first_epoch: int = 0, description: str = "training") -> None:
+        self.total = total_epochs
+        self.inner.start(total_epochs, first_epoch, description)
+        self._write(f"{description}: epochs {first_epoch + 1}..{total_epochs}")
+
+    def epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        self.inner.epoch(epoch, metrics)
+        values = " ".join(f"{name}={value:.6g}" for name, value in metrics.items())
+        self._write(f"epoch {epoch + 1}/{self.total} {values}")
+
+    def message(self, text: str) -> None:
+        self.inner.message(text)
+        self._write(text)
+
+    def close(self) -> None:
+        self.inner.close()
+        self.file.flush()
+
+    def _write(self, text: str) -> None:
+        self.file.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {text}\n")
+        self.file.flush()
+
+
 def make_reporter(quiet: bool = False, stream=None):
     """Silent with ``quiet``; a bar on an interactive stderr; plain lines otherwise."""
     if quiet:

@@ -53,6 +53,28 @@ class TrainingState:
     seconds: float = 0.0
 
 
+    def to_dict(self) -> dict:
+        """Plain values and tensors only, for a weights-only checkpoint."""
+        return {
+            "epoch": self.epoch,
+            "history": {k: list(v) for k, v in self.history.items()},
+            "optimizer_state": self.optimizer_state,
+            "best_elbo": float(self.best_elbo),
+            "best_epoch": self.best_epoch,
+            "best_state_dict": self.best_state_dict,
+            "epochs_without_improvement": self.epochs_without_improvement,
+            "stopped_early": self.stopped_early,
+            "step_in_epoch": self.step_in_epoch,
+            "partial_sums": self.partial_sums,
+            "seconds": float(self.seconds),
+        }
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> "TrainingState":
+        fields = {name: saved[name] for name in cls.__dataclass_fields__ if name in saved and name != "interrupted"}
+        return cls(**fields)
+
+
 def kl_weight(epoch: int, warmup_epochs: int) -> float:
     """Linear KL warm-up by epoch: 0 in the first epoch, 1 from ``warmup_epochs`` on."""
     if warmup_epochs <= 0:

@@ -1,26 +1,32 @@
-"""A complete training run: h5ad + spec in, checkpoint and history CSV out.
+"""A complete training run: h5ad + spec in, checkpoint and history CSV out; resumable.
 
 Every check that can fail (output location, device, data, spec against data) runs before the
-first training step, so a mistake costs seconds, not the hour of training before it.
+first training step, so a mistake costs seconds, not the hour of training before it. Long runs
+can write a resumable state every N epochs and always write it when a stop signal arrives; the
+run continued from it ends with exactly the weights of an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from scvi_cli.atomic import check_writable
-from scvi_cli.checkpoint import Checkpoint, current_versions, save_checkpoint, write_history_csv
-from scvi_cli.data import CSRMinibatches, load_count_data, train_validation_split
+from scvi_cli.checkpoint import Checkpoint, current_versions, load_checkpoint, save_checkpoint, write_history_csv
+from scvi_cli.data import CountData, CSRMinibatches, load_count_data, train_validation_split
 from scvi_cli.device import limit_threads, resolve_device
-from scvi_cli.errors import DataError
+from scvi_cli.errors import DataError, UsageError
 from scvi_cli.model_factory import build_model, model_kwargs
+from scvi_cli.preemption import TrainingStopped, stop_on_signals
 from scvi_cli.progress import SilentReporter
 from scvi_cli.spec import Spec, resolved_max_epochs, resolved_train_size
-from scvi_cli.train import TrainSettings, fit
+from scvi_cli.train import TrainingState, TrainSettings, fit
 
 
 @dataclass
@@ -40,6 +46,12 @@ def history_path_for(checkpoint_path: str | Path) -> Path:
     return path.with_name(path.stem + ".history.csv")
 
 
+def resume_path_for(checkpoint_path: str | Path) -> Path:
+    """``model.ckpt`` -> ``model.resume.ckpt``: the resumable state of an unfinished run."""
+    path = Path(checkpoint_path)
+    return path.with_name(path.stem + ".resume" + (path.suffix or ".ckpt"))
+
+
 def train_settings(spec: Spec, n_cells: int) -> TrainSettings:
     train = spec.train
     return TrainSettings(
@@ -54,6 +66,43 @@ def train_settings(spec: Spec, n_cells: int) -> TrainSettings:
     )
 
 
+def run_fingerprint(spec: Spec, data: CountData) -> str:
+    """Digest of the spec and of the counts, genes and codes: a resumed run must see the same."""
+    digest = hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode())
+    X = data.X
+    for array in (np.asarray(X.shape), X.indptr, X.indices, X.data, data.batch_codes, data.label_codes):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    for optional in (data.cat_cov_codes, data.cont_covs):
+        if optional is not None:
+            digest.update(np.ascontiguousarray(optional).tobytes())
+    digest.update("\n".join(data.gene_names).encode())
+    return digest.hexdigest()
+
+
+def _rng_states() -> dict:
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = list(torch.cuda.get_rng_state_all())
+    return states
+
+
+def _restore_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def set_deterministic(enabled: bool) -> None:
+    """Ask torch for deterministic kernels (GPU reductions, cuDNN) at some speed cost."""
+    if not enabled:
+        return
+    import os
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+
+
 def train_from_h5ad(
     data_path: str | Path,
     spec: Spec,
@@ -62,17 +111,31 @@ def train_from_h5ad(
     device: str = "auto",
     threads: int | None = None,
     reporter=None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
+    force: bool = False,
+    deterministic: bool = False,
+    handle_signals: bool = True,
 ) -> TrainResult:
-    """Train the spec's model on the counts in ``data_path`` and write ``out_path`` atomically."""
+    """Train the spec's model on the counts in ``data_path`` and write ``out_path`` atomically.
+
+    ``checkpoint_every`` N writes the resumable state (``resume_path_for(out_path)``) every N
+    epochs; a stop signal (SIGTERM, SIGUSR1, SIGINT) writes it after the current step and raises
+    ``TrainingStopped``. With ``resume``, a run continues from that state when it exists (and
+    starts afresh otherwise); a state from another spec or data set is refused unless ``force``.
+    """
     reporter = reporter or SilentReporter()
-    out_path = Path(out_path)
-    history_path = history_path_for(out_path)
-    check_writable(out_path)
-    check_writable(history_path)
+    out_path, history_path, resume_path = Path(out_path), history_path_for(out_path), resume_path_for(out_path)
+    for path in (out_path, history_path, resume_path):
+        check_writable(path)
+    if checkpoint_every is not None and checkpoint_every < 1:
+        raise UsageError(f"--checkpoint-every {checkpoint_every}: must be at least 1")
     torch_device = resolve_device(device)
     limit_threads(threads)
+    set_deterministic(deterministic)
 
     data = load_count_data(data_path, spec.data)
+    fingerprint = run_fingerprint(spec, data)
     seed = spec.train.seed
     settings = train_settings(spec, data.n_cells)
     train_idx, validation_idx = train_validation_split(
@@ -84,54 +147,114 @@ def train_from_h5ad(
     torch.manual_seed(seed)
     kwargs = model_kwargs(spec, data)
     model = build_model(spec.model.type, kwargs)
+    state = None
+    if resume and resume_path.exists():
+        state = _load_resume_state(resume_path, model, spec, fingerprint, force)
+        reporter.message(f"resuming from {resume_path}: epoch {state.epoch + 1}, step {state.step_in_epoch}")
+    elif resume:
+        reporter.message(f"no resumable state at {resume_path}; starting from the first epoch")
+
     train_batches = CSRMinibatches(data, train_idx, spec.train.batch_size, shuffle=True, seed=seed)
     validation_batches = (
         CSRMinibatches(data, validation_idx, spec.train.batch_size, shuffle=False) if len(validation_idx) else None
     )
-
     reporter.message(
         f"{spec.model.type}: {data.n_cells} cells x {data.n_genes} genes, {data.n_batch} batch(es), "
         f"{len(train_idx)} train / {len(validation_idx)} validation cells, {settings.max_epochs} epochs on {torch_device}"
     )
-    reporter.start(settings.max_epochs)
-    started = time.perf_counter()
-    try:
-        state = fit(
-            model,
-            train_batches,
-            validation_batches,
-            settings=settings,
-            device=torch_device,
-            on_epoch_end=lambda state, metrics: reporter.epoch(state.epoch - 1, metrics),
+
+    def facts(state: TrainingState, started: float) -> dict:
+        return {
+            "epochs_run": state.epoch,
+            "max_epochs": settings.max_epochs,
+            "stopped_early": state.stopped_early,
+            "best_epoch": state.best_epoch,
+            "n_train": int(len(train_idx)),
+            "n_validation": int(len(validation_idx)),
+            "n_cells": data.n_cells,
+            "seed": seed,
+            "device": str(torch_device),
+            "threads": torch.get_num_threads(),
+            "seconds": round(state.seconds, 3),
+            "wall_seconds_this_run": round(time.perf_counter() - started, 3),
+            "source": str(data_path),
+            "fingerprint": fingerprint,
+        }
+
+    def checkpoint(state: TrainingState, started: float, resumable: bool) -> Checkpoint:
+        extra = {}
+        if resumable:
+            extra = {"resume": state.to_dict(), "rng": _rng_states(), "fingerprint": fingerprint}
+        return Checkpoint(
+            model_type=spec.model.type,
+            spec=spec.to_dict(),
+            model_kwargs=kwargs,
+            gene_names=list(data.gene_names),
+            categories={key: list(values) for key, values in data.categories.items()},
+            state_dict={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+            history=state.history,
+            training=facts(state, started),
+            versions=current_versions(),
+            extra=extra,
         )
+
+    started = time.perf_counter()
+
+    def on_epoch_end(state: TrainingState, metrics: dict[str, float]) -> None:
+        reporter.epoch(state.epoch - 1, metrics)
+        if checkpoint_every and state.epoch % checkpoint_every == 0 and state.epoch < settings.max_epochs:
+            save_checkpoint(resume_path, checkpoint(state, started, resumable=True))
+
+    reporter.start(settings.max_epochs, first_epoch=state.epoch if state else 0)
+    try:
+        with stop_on_signals() if handle_signals else _no_signals() as stop_request:
+            state = fit(
+                model,
+                train_batches,
+                validation_batches,
+                settings=settings,
+                device=torch_device,
+                state=state,
+                on_epoch_end=on_epoch_end,
+                should_stop=stop_request,
+            )
     finally:
         reporter.close()
 
-    training = {
-        "epochs_run": state.epoch,
-        "max_epochs": settings.max_epochs,
-        "stopped_early": state.stopped_early,
-        "best_epoch": state.best_epoch,
-        "n_train": int(len(train_idx)),
-        "n_validation": int(len(validation_idx)),
-        "n_cells": data.n_cells,
-        "seed": seed,
-        "device": str(torch_device),
-        "threads": torch.get_num_threads(),
-        "seconds": round(time.perf_counter() - started, 3),
-        "source": str(data_path),
-    }
-    checkpoint = Checkpoint(
-        model_type=spec.model.type,
-        spec=spec.to_dict(),
-        model_kwargs=kwargs,
-        gene_names=list(data.gene_names),
-        categories={key: list(values) for key, values in data.categories.items()},
-        state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
-        history=state.history,
-        training=training,
-        versions=current_versions(),
-    )
-    save_checkpoint(out_path, checkpoint)
+    if state.interrupted:
+        save_checkpoint(resume_path, checkpoint(state, started, resumable=True))
+        write_history_csv(history_path, state.history)
+        raise TrainingStopped(
+            f"received {stop_request.name}: saved resumable state to {resume_path} "
+            f"(epoch {state.epoch + 1}, step {state.step_in_epoch}); rerun the same command with --resume to continue",
+            exit_code=stop_request.exit_code,
+        )
+    save_checkpoint(out_path, checkpoint(state, started, resumable=False))
     write_history_csv(history_path, state.history)
-    return TrainResult(out_path, history_path, state.history, training)
+    resume_path.unlink(missing_ok=True)
+    return TrainResult(out_path, history_path, state.history, facts(state, started))
+
+
+class _no_signals:
+    """Stand-in for stop_on_signals when the caller handles signals itself."""
+
+    def __enter__(self):
+        return lambda: False
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _load_resume_state(path: Path, model, spec: Spec, fingerprint: str, force: bool) -> TrainingState:
+    saved = load_checkpoint(path, expected_type=spec.model.type)
+    resume = saved.extra.get("resume")
+    if not isinstance(resume, dict):
+        raise UsageError(f"{path}: not a resumable state (a finished checkpoint cannot be resumed)")
+    if saved.extra.get("fingerprint") != fingerprint and not force:
+        raise UsageError(
+            f"{path}: was written for a different spec or data set; rerun without --resume, "
+            "or with --force to continue anyway"
+        )
+    model.load_state_dict(saved.state_dict)
+    _restore_rng_states(saved.extra["rng"])
+    return TrainingState.from_dict(resume)

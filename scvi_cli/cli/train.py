@@ -28,8 +28,24 @@ def train(
     threads: Optional[int] = options.Threads,
     quiet: bool = options.Quiet,
     as_json: bool = typer.Option(False, "--json", help="Print a final JSON summary on stdout."),
+    checkpoint_every: Optional[int] = typer.Option(
+        None, "--checkpoint-every", min=1, help="Write a resumable state (MODEL.resume.ckpt) every N epochs."
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue from MODEL.resume.ckpt when it exists (start afresh otherwise)."
+    ),
+    force: bool = typer.Option(False, "--force", help="With --resume: accept a state written for another spec or data."),
+    deterministic: bool = typer.Option(False, "--deterministic", help="Deterministic GPU kernels (slower)."),
+    log_file: Optional[Path] = typer.Option(
+        None, "--log-file", help="Append the command line, versions and per-epoch metrics to this file."
+    ),
 ) -> None:
-    """Train a model on an h5ad file and write one checkpoint file."""
+    """Train a model on an h5ad file and write one checkpoint file.
+
+    On SIGTERM or SIGUSR1 (sent by SLURM before it kills a job) or Ctrl-C, training stops after
+    the current step, writes MODEL.resume.ckpt and exits with 128 + the signal number (143 for
+    SIGTERM, 138 for SIGUSR1, 130 for Ctrl-C); rerun the same command with --resume to continue.
+    """
     from scvi_cli.progress import make_reporter
     from scvi_cli.spec import load_spec
 
@@ -37,7 +53,20 @@ def train(
     from scvi_cli.train_job import train_from_h5ad
 
     reporter = make_reporter(quiet)
-    result = train_from_h5ad(data, spec_obj, out, device=device, threads=threads, reporter=reporter)
+    if log_file is not None:
+        reporter = open_log(log_file, reporter)
+    result = train_from_h5ad(
+        data,
+        spec_obj,
+        out,
+        device=device,
+        threads=threads,
+        reporter=reporter,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+        force=force,
+        deterministic=deterministic,
+    )
     final = result.final_metrics()
     if as_json:
         summary = {"checkpoint": str(result.checkpoint_path), "history": str(result.history_path),
@@ -50,3 +79,19 @@ def train(
             f"wrote {result.checkpoint_path} and {result.history_path} "
             f"({result.training['epochs_run']} epochs, {result.training['seconds']:.1f} s)"
         )
+
+
+def open_log(path: Path, reporter):
+    """A reporter that also appends to ``path``, starting with the exact command line and versions."""
+    import shlex
+    import sys
+
+    from scvi_cli.atomic import check_writable
+    from scvi_cli.checkpoint import current_versions
+    from scvi_cli.progress import LogFileReporter
+
+    check_writable(path)
+    logged = LogFileReporter(reporter, path)
+    versions = " ".join(f"{k}={v}" for k, v in current_versions().items())
+    logged.header([f"# command: {shlex.join(['scvi-cli', *sys.argv[1:]])}", f"# versions: {versions}"])
+    return logged
