@@ -14,7 +14,7 @@ import warnings
 import typer
 
 from scvi_cli import __version__
-from scvi_cli.cli import evaluate, train
+from scvi_cli.cli import embed, evaluate, impute, info, loadings, sample, train, vamp_prior
 from scvi_cli.errors import ScviCliError
 
 EXIT_INTERRUPTED = 130
@@ -50,6 +50,12 @@ def root(
 COMMANDS = [
     ("train", train.train, train.EPILOG),
     ("evaluate", evaluate.evaluate, evaluate.EPILOG),
+    ("embed", embed.embed, embed.EPILOG),
+    ("impute", impute.impute, impute.EPILOG),
+    ("loadings", loadings.loadings, loadings.EPILOG),
+    ("sample", sample.sample, sample.EPILOG),
+    ("vamp-prior", vamp_prior.vamp_prior, vamp_prior.EPILOG),
+    ("info", info.info, info.EPILOG),
 ]
 for _name, _function, _epilog in COMMANDS:
     app.command(name=_name, epilog=_epilog)(_function)

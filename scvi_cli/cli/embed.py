@@ -1,0 +1,74 @@
+"""`scvi-cli embed`: the latent representation of cells under a trained model."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from scvi_cli.cli import options
+
+EPILOG = (
+    "Examples:\n\n"
+    "  scvi-cli embed pbmc.ckpt pbmc.h5ad --out pbmc_latent.h5ad\n\n"
+    "  scvi-cli embed pbmc.ckpt query.h5ad --out latent.parquet\n\n"
+    "  scvi-cli embed pbmc.ckpt query.h5ad --out emb.h5ad --minimal --obsm-key X_emb\n\n"
+    "An .h5ad output is the input AnnData (cells with zero total counts left out) with the latent "
+    "in obsm; --minimal keeps only obs, var names and the latent. Tables (.npy .csv .tsv .parquet) "
+    "hold one row per cell (indexed by obs names) and columns Z_0, Z_1, ..."
+)
+
+
+def embed(
+    model: Path = typer.Argument(..., help="Checkpoint written by `scvi-cli train`."),
+    data: Path = typer.Argument(..., help="h5ad with the model's genes (matched by name, any order)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output: .h5ad, .npy, .csv, .tsv or .parquet (by extension)."),
+    obsm_key: str = typer.Option("X_scVI", "--obsm-key", help="obsm key of the latent in an .h5ad output."),
+    sample: bool = typer.Option(False, "--sample", help="One posterior draw of z instead of its mean."),
+    minimal: bool = typer.Option(
+        False, "--minimal", help=".h5ad output with only obs, var names and the latent (no counts)."
+    ),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed for --sample and the logistic-normal Monte Carlo mean."),
+    batch_size: int = options.InferenceBatchSize,
+    device: str = options.Device,
+    threads: Optional[int] = options.Threads,
+    allow_missing_genes: bool = options.AllowMissingGenes,
+    quiet: bool = options.Quiet,
+) -> None:
+    """Write the posterior mean of the latent z (or one sample) of every cell."""
+    import numpy as np
+
+    from scvi_cli import queries
+    from scvi_cli.device import limit_threads, resolve_device
+    from scvi_cli.errors import UsageError
+    from scvi_cli.outputs import check_output, write_h5ad_with_obsm, write_table
+    from scvi_cli.progress import make_reporter
+    from scvi_cli.trained_model import load_trained_model
+
+    fmt = check_output(out)
+    if minimal and fmt != ".h5ad":
+        raise UsageError(f"--minimal applies to .h5ad outputs only, not {out}")
+    torch_device = resolve_device(device)
+    limit_threads(threads)
+    trained = load_trained_model(model, device=torch_device)
+    adata, query = queries.load_query(trained, data, allow_missing_genes)
+
+    blocks: list = []
+    queries.drain(
+        queries.iter_latent(trained.module, query, sample=sample, batch_size=batch_size, seed=seed, device=torch_device),
+        blocks.append,
+        make_reporter(quiet or not sys.stderr.isatty()),
+        queries.n_blocks(query, batch_size),
+        "embedding",
+    )
+    latent = np.concatenate(blocks, axis=0)
+    if fmt == ".h5ad":
+        write_h5ad_with_obsm(out, queries.output_anndata(adata, query), obsm_key, latent, minimal=minimal)
+        where = f"obsm[{obsm_key!r}]" + (", minimal" if minimal else "")
+    else:
+        write_table(out, latent, query.obs_names, queries.latent_names(latent.shape[1]))
+        where = "sampled" if sample else "posterior mean"
+    if not quiet:
+        typer.echo(f"wrote {out}: {queries.cells_phrase(query)} x {latent.shape[1]} latent dims ({where})", err=True)

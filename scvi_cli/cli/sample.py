@@ -1,0 +1,77 @@
+"""`scvi-cli sample`: counts drawn from a trained model's posterior predictive distribution."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from scvi_cli.cli import options
+
+EPILOG = (
+    "Examples:\n\n"
+    "  scvi-cli sample pbmc.ckpt pbmc.h5ad --out samples.h5ad --n-samples 5\n\n"
+    "  scvi-cli sample pbmc.ckpt pbmc.h5ad --out counts.parquet --transform-batch b1 --seed 3\n\n"
+    "An .h5ad output is the input AnnData (X as it was) restricted to the model's genes and to cells "
+    "with non-zero counts, with sparse integer layers sample_0 .. sample_{S-1}. Tables (.npy .csv "
+    ".tsv .parquet) hold a single sample."
+)
+
+
+def sample(
+    model: Path = typer.Argument(..., help="Checkpoint written by `scvi-cli train` (scvi, ldvae or condscvi)."),
+    data: Path = typer.Argument(..., help="h5ad with the model's genes (matched by name, any order)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output: .h5ad, or for one sample .npy, .csv, .tsv, .parquet."),
+    n_samples: int = typer.Option(1, "--n-samples", min=1, help="Independent samples (layers sample_0 ..)."),
+    transform_batch: Optional[str] = typer.Option(
+        None, "--transform-batch", help="Decode every cell as this batch (a category name)."
+    ),
+    seed: int = typer.Option(0, "--seed", min=0, help="Random seed; the same seed gives the same counts."),
+    batch_size: int = options.InferenceBatchSize,
+    device: str = options.Device,
+    threads: Optional[int] = options.Threads,
+    allow_missing_genes: bool = options.AllowMissingGenes,
+    quiet: bool = options.Quiet,
+) -> None:
+    """Write posterior predictive counts (integer, sparse) from the likelihood the model was trained with."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    from scvi_cli import queries
+    from scvi_cli.device import limit_threads, resolve_device
+    from scvi_cli.errors import UsageError
+    from scvi_cli.outputs import check_output, open_chunked_writer, write_h5ad_with_sample_layers
+    from scvi_cli.progress import make_reporter
+    from scvi_cli.trained_model import load_trained_model
+
+    fmt = check_output(out)
+    if fmt != ".h5ad" and n_samples > 1:
+        raise UsageError(f"--n-samples {n_samples}: a {fmt} table holds one sample; write several to .h5ad (layers sample_0 ..)")
+    torch_device = resolve_device(device)
+    limit_threads(threads)
+    trained = load_trained_model(model, device=torch_device)
+    code = None if transform_batch is None else queries.batch_codes(trained.checkpoint.categories, [transform_batch])[0]
+    adata, query = queries.load_query(trained, data, allow_missing_genes)
+    genes = list(trained.checkpoint.gene_names)
+
+    blocks = queries.iter_posterior_predictive(
+        trained.module, query, n_samples=n_samples, transform_batch=code, batch_size=batch_size, seed=seed, device=torch_device
+    )
+    reporter = make_reporter(quiet or not sys.stderr.isatty())
+    total = queries.n_blocks(query, batch_size)
+    if fmt == ".h5ad":
+        collected: list = []
+        queries.drain(blocks, collected.append, reporter, total, "sampling")
+        layers = {
+            f"sample_{s}": sp.vstack([block[s] for block in collected], format="csr") for s in range(n_samples)
+        }
+        write_h5ad_with_sample_layers(out, queries.output_anndata(adata, query, genes), layers)
+        where = f"layers sample_0..sample_{n_samples - 1}"
+    else:
+        with open_chunked_writer(out, query.obs_names, genes, dtype=np.int32) as writer:
+            queries.drain(blocks, lambda block: writer.write(block[0]), reporter, total, "sampling")
+        where = "one sample"
+    if not quiet:
+        typer.echo(f"wrote {out}: {queries.cells_phrase(query)} x {len(genes)} genes ({where})", err=True)
