@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from scvi_cli.models.vae import VAE
+from scvi_cli.models.vae import VAE, NetworkOptions
 from scvi_cli.nn import Encoder, LinearDecoderSCVI
 
 
@@ -52,26 +52,15 @@ class LDVAE(VAE):
             library_log_vars=library_log_vars,
         )
 
-    def _build_networks(
-        self,
-        n_input_encoder: int,
-        encoder_cat_list,
-        decoder_cat_list,
-        n_hidden: int,
-        n_layers: int,
-        dropout_rate: float,
-        deeply_inject_covariates: bool,
-        use_batch_norm: str,
-        use_layer_norm: str,
-        var_activation,
-    ) -> None:
+    def _build_networks(self, options: NetworkOptions) -> None:
         """Encoders without covariates; the linear decoder sees the batch only."""
-        options = self._linear_options
+        n_hidden, dropout_rate = options.n_hidden, options.dropout_rate
+        linear = self._linear_options
         encoder_kwargs = dict(n_hidden=n_hidden, dropout_rate=dropout_rate, use_batch_norm=True, use_layer_norm=False)
         self.z_encoder = Encoder(
             self.n_input,
             self.n_latent,
-            n_layers=options["n_layers_encoder"],
+            n_layers=linear["n_layers_encoder"],
             distribution=self.latent_distribution,
             **encoder_kwargs,
         )
@@ -80,9 +69,9 @@ class LDVAE(VAE):
             self.n_latent,
             self.n_input,
             n_cat_list=[self.n_batch],
-            use_batch_norm=options["use_batch_norm"],
+            use_batch_norm=linear["use_batch_norm"],
             use_layer_norm=False,
-            bias=options["bias"],
+            bias=linear["bias"],
         )
 
     def get_loadings(self) -> torch.Tensor:

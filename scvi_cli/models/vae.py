@@ -6,6 +6,7 @@ Parameter names match scvi-tools' ``VAE`` state dict, so weights can move betwee
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -19,6 +20,22 @@ from scvi_cli.nn import DecoderSCVI, Encoder, NegativeBinomial, Poisson, ZeroInf
 DISPERSIONS = ("gene", "gene-batch", "gene-label", "gene-cell")
 LIKELIHOODS = ("zinb", "nb", "poisson")
 NORM_PLACEMENTS = ("none", "encoder", "decoder", "both")
+
+
+@dataclass(frozen=True)
+class NetworkOptions:
+    """How VAE's encoders and decoder are built; LDVAE builds its own from the same options."""
+
+    n_input_encoder: int
+    encoder_cat_list: list[int] | None
+    decoder_cat_list: list[int]
+    n_hidden: int
+    n_layers: int
+    dropout_rate: float
+    deeply_inject_covariates: bool
+    use_batch_norm: str
+    use_layer_norm: str
+    var_activation: object
 
 
 def _check_choice(name: str, value, choices) -> None:
@@ -91,66 +108,56 @@ class VAE(nn.Module):
 
         cat_list = [n_batch, *self.n_cats_per_cov]
         self._build_networks(
-            n_input_encoder=n_input + n_continuous_cov * encode_covariates,
-            encoder_cat_list=cat_list if encode_covariates else None,
-            decoder_cat_list=cat_list,
-            n_hidden=n_hidden,
-            n_layers=n_layers,
-            dropout_rate=dropout_rate,
-            deeply_inject_covariates=deeply_inject_covariates,
-            use_batch_norm=use_batch_norm,
-            use_layer_norm=use_layer_norm,
-            var_activation=var_activation,
+            NetworkOptions(
+                n_input_encoder=n_input + n_continuous_cov * encode_covariates,
+                encoder_cat_list=cat_list if encode_covariates else None,
+                decoder_cat_list=cat_list,
+                n_hidden=n_hidden,
+                n_layers=n_layers,
+                dropout_rate=dropout_rate,
+                deeply_inject_covariates=deeply_inject_covariates,
+                use_batch_norm=use_batch_norm,
+                use_layer_norm=use_layer_norm,
+                var_activation=var_activation,
+            )
         )
 
-    def _build_networks(
-        self,
-        n_input_encoder: int,
-        encoder_cat_list,
-        decoder_cat_list,
-        n_hidden: int,
-        n_layers: int,
-        dropout_rate: float,
-        deeply_inject_covariates: bool,
-        use_batch_norm: str,
-        use_layer_norm: str,
-        var_activation,
-    ) -> None:
+    def _build_networks(self, options: "NetworkOptions") -> None:
         """Create z_encoder, l_encoder and decoder (LDVAE overrides this, not the modules after)."""
         encoder_norms = dict(
-            use_batch_norm=use_batch_norm in ("encoder", "both"),
-            use_layer_norm=use_layer_norm in ("encoder", "both"),
-            inject_covariates=deeply_inject_covariates,
-            var_activation=var_activation,
+            use_batch_norm=options.use_batch_norm in ("encoder", "both"),
+            use_layer_norm=options.use_layer_norm in ("encoder", "both"),
+            inject_covariates=options.deeply_inject_covariates,
+            var_activation=options.var_activation,
         )
         self.z_encoder = Encoder(
-            n_input_encoder,
+            options.n_input_encoder,
             self.n_latent,
-            n_cat_list=encoder_cat_list,
-            n_layers=n_layers,
-            n_hidden=n_hidden,
-            dropout_rate=dropout_rate,
+            n_cat_list=options.encoder_cat_list,
+            n_layers=options.n_layers,
+            n_hidden=options.n_hidden,
+            dropout_rate=options.dropout_rate,
             distribution=self.latent_distribution,
             **encoder_norms,
         )
         self.l_encoder = Encoder(
-            n_input_encoder,
+            options.n_input_encoder,
             1,
-            n_cat_list=encoder_cat_list,
+            n_cat_list=options.encoder_cat_list,
             n_layers=1,
-            n_hidden=n_hidden,
-            dropout_rate=dropout_rate,
+            n_hidden=options.n_hidden,
+            dropout_rate=options.dropout_rate,
             **encoder_norms,
         )
         self.decoder = DecoderSCVI(
             self.n_latent + self.n_continuous_cov,
             self.n_input,
-            n_cat_list=decoder_cat_list,
-            n_layers=n_layers,
-            n_hidden=n_hidden,
-            inject_covariates=deeply_inject_covariates,
-            use_batch_norm=use_batch_norm in ("decoder", "both"),
-            use_layer_norm=use_layer_norm in ("decoder", "both"),
+            n_cat_list=options.decoder_cat_list,
+            n_layers=options.n_layers,
+            n_hidden=options.n_hidden,
+            inject_covariates=options.deeply_inject_covariates,
+            use_batch_norm=options.use_batch_norm in ("decoder", "both"),
+            use_layer_norm=options.use_layer_norm in ("decoder", "both"),
         )
 
     # ----------------------------------------------------------------------------- inference
