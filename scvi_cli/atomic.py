@@ -39,6 +39,14 @@ def check_writable(path: str | os.PathLike) -> None:
         raise OutputError(f"{path}: directory '{parent}' is not writable")
 
 
+def refuse_input_as_output(out: str | os.PathLike, *inputs: str | os.PathLike) -> None:
+    """Fail when an output path is one of the input files: writing it would destroy the input."""
+    target = Path(out).resolve()
+    for source in inputs:
+        if Path(source).resolve() == target:
+            raise OutputError(f"{out}: is also the input file; choose another output path")
+
+
 def temp_name(name: str) -> str:
     """Hidden temporary name for `name` that keeps its real suffix last.
 

@@ -14,6 +14,10 @@ from scvi_cli.errors import DataError
 from scvi_cli.models import LDVAE, VAE, VAEC
 from scvi_cli.spec import Spec
 
+# Below this variance of log total counts a Normal prior on the library is degenerate: its KL
+# term (never warmed up) would swamp the loss, e.g. after downsampling every cell to one depth.
+MIN_LIBRARY_LOG_VAR = 1e-6
+
 MODULES: dict[str, type[nn.Module]] = {"scvi": VAE, "ldvae": LDVAE, "condscvi": VAEC}
 
 
@@ -82,6 +86,13 @@ def model_kwargs(spec: Spec, data: CountData) -> dict:
                 f"obs[{spec.data.batch_key!r}] has {', '.join(small)}"
             )
         means, variances = library_log_priors(data.X, data.batch_codes, data.n_batch)
+        flat = [data.categories["batch"][b] for b in np.flatnonzero(variances[0] < MIN_LIBRARY_LOG_VAR)]
+        if flat:
+            where = "every cell" if data.n_batch == 1 else f"every cell of batch {', '.join(map(repr, flat))}"
+            raise DataError(
+                f"{data.source}: {where} has (nearly) the same total count, so the latent library's "
+                "prior has no variance; set model.use_observed_lib_size: true"
+            )
         kwargs.update(library_log_means=means.tolist(), library_log_vars=variances.tolist())
     return kwargs
 

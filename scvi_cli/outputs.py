@@ -23,8 +23,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from scvi_cli.atomic import AtomicFile, as_output_error, atomic_write, check_writable
-from scvi_cli.errors import OutputError
+from scvi_cli.atomic import AtomicFile, as_output_error, atomic_write, check_writable, refuse_input_as_output
+from scvi_cli.errors import OutputError, UsageError
 
 SUPPORTED = (".h5ad", ".npy", ".csv", ".tsv", ".parquet")
 _GZIP_TEXT = (".csv.gz", ".tsv.gz")
@@ -43,7 +43,7 @@ def output_format(path: str | os.PathLike) -> str:
         if name.endswith(fmt) and len(name) > len(fmt):
             return fmt
     supported = ", ".join(SUPPORTED + _GZIP_TEXT)
-    raise OutputError(f"{path}: unsupported output extension; use one of {supported}")
+    raise UsageError(f"{path}: unsupported output extension; use one of {supported}")
 
 
 def _require_pyarrow(path: str | os.PathLike) -> Any:
@@ -55,10 +55,14 @@ def _require_pyarrow(path: str | os.PathLike) -> Any:
     return pyarrow
 
 
-def check_output(path: str | os.PathLike) -> str:
-    """Validate an output path before long work starts; returns its format (see output_format)."""
+def check_output(path: str | os.PathLike, *inputs: str | os.PathLike) -> str:
+    """Validate an output path before long work starts; returns its format (see output_format).
+
+    ``inputs`` are the command's input files: writing over one of them is refused.
+    """
     fmt = output_format(path)
     check_writable(path)
+    refuse_input_as_output(path, *inputs)
     if fmt == ".parquet":
         _require_pyarrow(path)
     return fmt
@@ -66,7 +70,7 @@ def check_output(path: str | os.PathLike) -> str:
 
 def _check_key(path: str | os.PathLike, what: str, key: str) -> None:
     if not isinstance(key, str) or not key or "/" in key:
-        raise OutputError(f"{path}: invalid {what} name {key!r} (must be a non-empty string without '/')")
+        raise UsageError(f"{path}: invalid {what} name {key!r} (must be a non-empty string without '/')")
 
 
 def _dense_block(block: Any, dtype: np.dtype) -> np.ndarray:

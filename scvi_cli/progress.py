@@ -119,6 +119,13 @@ class LogFileReporter(SilentReporter):
         self.inner.close()
         self.file.flush()
 
+    def record(self, text: str) -> None:
+        """Write to the log file only (the terminal gets its own copy of errors and summaries)."""
+        self._write(text)
+
+    def close_log(self) -> None:
+        self.file.close()
+
     def _write(self, text: str) -> None:
         self.file.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {text}\n")
         self.file.flush()

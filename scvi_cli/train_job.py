@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scvi_cli.atomic import check_writable
+from scvi_cli.atomic import check_writable, refuse_input_as_output
 from scvi_cli.checkpoint import Checkpoint, current_versions, load_checkpoint, save_checkpoint, write_history_csv
 from scvi_cli.data import CountData, CSRMinibatches, load_count_data, train_validation_split
 from scvi_cli.device import limit_threads, resolve_device
@@ -128,6 +128,7 @@ def train_from_h5ad(
     out_path, history_path, resume_path = Path(out_path), history_path_for(out_path), resume_path_for(out_path)
     for path in (out_path, history_path, resume_path):
         check_writable(path)
+        refuse_input_as_output(path, data_path)
     if checkpoint_every is not None and checkpoint_every < 1:
         raise UsageError(f"--checkpoint-every {checkpoint_every}: must be at least 1")
     torch_device = resolve_device(device)
@@ -206,8 +207,10 @@ def train_from_h5ad(
             save_checkpoint(resume_path, checkpoint(state, started, resumable=True))
 
     reporter.start(settings.max_epochs, first_epoch=state.epoch if state else 0)
-    try:
-        with stop_on_signals() if handle_signals else _no_signals() as stop_request:
+    # The handlers stay installed until the final files are written: a SIGTERM arriving while
+    # the checkpoint is being saved must not kill the process and lose the whole run.
+    with stop_on_signals() if handle_signals else _no_signals() as stop_request:
+        try:
             state = fit(
                 model,
                 train_batches,
@@ -218,20 +221,19 @@ def train_from_h5ad(
                 on_epoch_end=on_epoch_end,
                 should_stop=stop_request,
             )
-    finally:
-        reporter.close()
-
-    if state.interrupted:
-        save_checkpoint(resume_path, checkpoint(state, started, resumable=True))
+        finally:
+            reporter.close()
+        if state.interrupted:
+            save_checkpoint(resume_path, checkpoint(state, started, resumable=True))
+            write_history_csv(history_path, state.history)
+            raise TrainingStopped(
+                f"received {stop_request.name}: saved resumable state to {resume_path} "
+                f"(epoch {state.epoch + 1}, step {state.step_in_epoch}); rerun the same command with --resume to continue",
+                exit_code=stop_request.exit_code,
+            )
+        save_checkpoint(out_path, checkpoint(state, started, resumable=False))
         write_history_csv(history_path, state.history)
-        raise TrainingStopped(
-            f"received {stop_request.name}: saved resumable state to {resume_path} "
-            f"(epoch {state.epoch + 1}, step {state.step_in_epoch}); rerun the same command with --resume to continue",
-            exit_code=stop_request.exit_code,
-        )
-    save_checkpoint(out_path, checkpoint(state, started, resumable=False))
-    write_history_csv(history_path, state.history)
-    resume_path.unlink(missing_ok=True)
+        resume_path.unlink(missing_ok=True)
     return TrainResult(out_path, history_path, state.history, facts(state, started))
 
 

@@ -159,3 +159,60 @@ def test_query_errors(tmp_path, run_cli, pbmc_small):
     assert code == 1 and "absent.ckpt" in err
     code, _, err = run_cli("evaluate", pbmc_small, pbmc_small)  # an h5ad given as checkpoint
     assert code == 1 and "scvi-cli: error:" in err and "Traceback" not in err
+
+
+def test_output_equal_to_input_is_refused(tmp_path, run_cli, pbmc_small):
+    data = tmp_path / "data.h5ad"
+    data.write_bytes(pbmc_small.read_bytes())
+    before = data.read_bytes()
+    code, _, err = run_cli("train", data, "--out", data, *FAST)
+    assert code == 1 and "is also the input file" in err
+    assert data.read_bytes() == before
+
+
+def test_constant_library_size_with_latent_library_is_a_clear_error(tmp_path, run_cli):
+    rng = np.random.default_rng(0)
+    X = np.stack([rng.multinomial(500, np.full(12, 1 / 12)) for _ in range(40)]).astype(np.float32)
+    data = _write(tmp_path / "downsampled.h5ad", sp.csr_matrix(X))
+    outputs = tmp_path / "out"
+    outputs.mkdir()
+    code, _, err = run_cli("train", data, "--out", outputs / "m.ckpt", *FAST, "--set", "model.type=ldvae")
+    assert code == 1 and "use_observed_lib_size: true" in err
+    assert list(outputs.iterdir()) == []
+
+
+def test_h5ad_output_does_not_replace_existing_entries(tmp_path, run_cli, pbmc_small):
+    ckpt = tmp_path / "m.ckpt"
+    assert run_cli("train", pbmc_small, "--out", ckpt, *FAST)[0] == 0
+    adata = ad.read_h5ad(pbmc_small)
+    adata.layers["counts"] = adata.X.copy()
+    adata.obsm["X_scVI"] = np.zeros((adata.n_obs, 2))
+    data = tmp_path / "annotated.h5ad"
+    adata.write_h5ad(data)
+    for args, fragment in (
+        (["impute", ckpt, data, "--out", tmp_path / "i.h5ad", "--layer-name", "counts"], "layers['counts'] already exists"),
+        (["embed", ckpt, data, "--out", tmp_path / "e.h5ad"], "obsm['X_scVI'] already exists"),
+    ):
+        code, _, err = run_cli(*args)
+        assert code == 2 and fragment in err
+    assert not (tmp_path / "i.h5ad").exists() and not (tmp_path / "e.h5ad").exists()
+
+
+def test_usage_errors_are_one_line(run_cli, pbmc_small):
+    for args in (["train"], ["train", pbmc_small, "--out", "x.ckpt", "--threads", "0"], ["bogus"], ["embed", "m.ckpt"]):
+        code, _, err = run_cli(*args)
+        assert code == 2
+        assert len(err.strip().splitlines()) == 1 and err.startswith("scvi-cli: error:"), err
+
+
+def test_log_file_records_command_epochs_and_outcome(tmp_path, run_cli, pbmc_small):
+    log = tmp_path / "train.log"
+    code, _, _ = run_cli("train", pbmc_small, "--out", tmp_path / "m.ckpt", *FAST, "--log-file", log)
+    assert code == 0
+    text = log.read_text()
+    assert text.startswith(f"# command: scvi-cli train {pbmc_small} --out ") and "# versions: scvi-cli=" in text
+    assert "epoch 2/2 reconstruction_loss_train=" in text and "wrote " in text
+    code, _, _ = run_cli("train", pbmc_small, "--out", tmp_path / "n.ckpt", *FAST, "--log-file", log,
+                         "--set", "data.batch_key=plate")
+    assert code == 1
+    assert log.read_text().strip().splitlines()[-1].split(" ", 1)[1].startswith("exit 1: ")

@@ -302,16 +302,21 @@ def test_data_that_does_not_fit_the_model(tmp_path, ckpt, run_cli):
     assert code == 1 and "categories not seen in training: 'lane7'" in err
 
 
-def test_usage_errors(tmp_path, ckpt, run_cli):
+def test_usage_errors(tmp_path, tmp_path_factory, ckpt, run_cli):
     out = tmp_path / "x.csv"
+    own_input = tmp_path_factory.mktemp("inputs") / "in.h5ad"  # a copy: the guard must not be tested on tests/data
+    own_input.write_bytes(PBMC_SMALL.read_bytes())
     cases = [
         (["impute", ckpt["scvi"], PBMC_SMALL, "--out", out, "--transform-batch", "g9"], 2, "'g9': not a batch of the model; its batches are 'g1', 'g2'"),
         (["impute", ckpt["scvi"], PBMC_SMALL, "--out", out, "--genes", "CD3E,NOPE"], 2, "not in the model: 'NOPE'"),
         (["impute", ckpt["scvi"], PBMC_SMALL, "--out", out, "--library-size", "lots"], 2, "--library-size 'lots'"),
         (["embed", ckpt["scvi"], PBMC_SMALL, "--out", out, "--minimal"], 2, "--minimal applies to .h5ad outputs only"),
-        (["embed", ckpt["scvi"], PBMC_SMALL, "--out", tmp_path / "x.txt"], 1, "unsupported output extension"),
+        (["embed", ckpt["scvi"], PBMC_SMALL, "--out", tmp_path / "x.txt"], 2, "unsupported output extension"),
         (["embed", ckpt["scvi"], PBMC_SMALL, "--out", tmp_path / "no" / "x.csv"], 1, "does not exist"),
         (["embed", tmp_path / "missing.ckpt", PBMC_SMALL, "--out", out], 1, "missing.ckpt"),
+        (["embed", ckpt["scvi"], own_input, "--out", own_input], 1, "is also the input file"),
+        (["impute", ckpt["scvi"], own_input, "--out", own_input], 1, "is also the input file"),
+        (["sample", ckpt["scvi"], own_input, "--out", own_input], 1, "is also the input file"),
     ]
     for args, expected_code, message in cases:
         code, _, err = run_cli(*args)

@@ -17,7 +17,7 @@ import scipy.sparse as sp
 
 from scvi_cli import outputs
 from scvi_cli.atomic import atomic_write, check_writable, temp_name
-from scvi_cli.errors import OutputError
+from scvi_cli.errors import OutputError, UsageError
 from scvi_cli.outputs import (
     SUPPORTED,
     check_output,
@@ -134,7 +134,7 @@ def test_output_format():
     assert output_format("x.CSV") == ".csv"
     assert output_format("x.csv.gz") == ".csv.gz" and output_format("x.tsv.gz") == ".tsv.gz"
     for bad in ("x.txt", "x.h5", "x.gz", "noext", ".npy"):
-        with pytest.raises(OutputError) as err:
+        with pytest.raises(UsageError) as err:
             output_format(bad)
         assert str(err.value).startswith(f"{bad}: unsupported output extension")
         assert ".h5ad, .npy, .csv, .tsv, .parquet" in str(err.value)
@@ -142,7 +142,7 @@ def test_output_format():
 
 def test_check_output_validates_extension_and_directory(tmp_path):
     assert check_output(tmp_path / "z.parquet") == ".parquet"
-    with pytest.raises(OutputError, match="unsupported"):
+    with pytest.raises(UsageError, match="unsupported"):
         check_output(tmp_path / "z.xlsx")
     with pytest.raises(OutputError, match="does not exist"):
         check_output(tmp_path / "no" / "z.csv")
@@ -216,9 +216,9 @@ def test_missing_pyarrow_gives_install_hint(tmp_path, values, monkeypatch):
 
 
 def test_unsupported_extension_writes_nothing(tmp_path, values):
-    with pytest.raises(OutputError, match="unsupported output extension"):
+    with pytest.raises(UsageError, match="unsupported output extension"):
         write_table(tmp_path / "x.xlsx", values, CELLS, GENES)
-    with pytest.raises(OutputError, match="unsupported output extension"):
+    with pytest.raises(UsageError, match="unsupported output extension"):
         open_chunked_writer(tmp_path / "x.json", CELLS, GENES)
     assert os.listdir(tmp_path) == []
 
@@ -423,7 +423,7 @@ def test_h5ad_layer_failure_leaves_nothing(tmp_path, adata, values):
 def test_h5ad_outputs_need_h5ad_paths_and_valid_names(tmp_path, adata, values):
     with pytest.raises(OutputError, match=r"x\.csv: .*use a \.h5ad path"):
         write_h5ad_with_layer(tmp_path / "x.csv", adata, "norm", values)
-    with pytest.raises(OutputError, match="invalid layer name 'a/b'"):
+    with pytest.raises(UsageError, match="invalid layer name 'a/b'"):
         write_h5ad_with_layer(tmp_path / "x.h5ad", adata, "a/b", values)
     with pytest.raises(OutputError, match="does not exist"):
         write_h5ad_with_obsm(tmp_path / "no" / "x.h5ad", adata, "X_scvi", values)

@@ -95,7 +95,8 @@ def _wait_for(path, process, timeout=60.0):
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
 def test_real_signal_to_training_process_saves_and_resume_finishes(tmp_path, pbmc_small, signum, code):
     out = tmp_path / "model.ckpt"
-    command = [sys.executable, "-m", "scvi_cli", "train", str(pbmc_small), "--out", str(out), "--threads", "1",
+    log = tmp_path / "train.log"
+    command = [sys.executable, "-m", "scvi_cli", "train", str(pbmc_small), "--out", str(out), "--threads", "1", "--log-file", str(log),
                "--checkpoint-every", "1", *[a for s in SETTINGS[1:] for a in ("--set", s)], "--set", "train.max_epochs=20"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for(resume_path_for(out), process)
@@ -105,6 +106,7 @@ def test_real_signal_to_training_process_saves_and_resume_finishes(tmp_path, pbm
     assert "saved resumable state" in err and "--resume" in err
     assert resume_path_for(out).exists() and not out.exists()
     assert "Traceback" not in err
+    assert f"exit {code}: received" in log.read_text()
 
     finished = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=120)
     assert finished.returncode == 0, finished.stderr

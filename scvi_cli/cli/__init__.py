@@ -7,17 +7,22 @@ Commands parse arguments, call library functions and print what was written. Lib
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 import warnings
 
 import typer
+from typer.exceptions import TyperException
 
 from scvi_cli import __version__
 from scvi_cli.cli import embed, evaluate, impute, info, loadings, sample, train, vamp_prior
 from scvi_cli.errors import ScviCliError
 
 EXIT_INTERRUPTED = 130
+
+# The arguments of this invocation, as given to main(): what --log-file records.
+invocation: list[str] = []
 
 app = typer.Typer(
     name="scvi-cli",
@@ -41,8 +46,7 @@ def root(
 ) -> None:
     """Train and apply scVI-family models (scVI, LDVAE, CondSCVI) on single-cell count data.
 
-    Exit codes: 0 success, 1 data or runtime error, 2 usage or spec error, 3 GPU asked for but
-    not available, 130 interrupted.
+    Exit codes: 0 success, 1 data or runtime error, 2 usage or spec error, 3 GPU asked for but not available, 130 / 138 / 143 stopped by SIGINT / SIGUSR1 / SIGTERM after saving a resumable state.
     """
 
 
@@ -61,6 +65,20 @@ for _name, _function, _epilog in COMMANDS:
     app.command(name=_name, epilog=_epilog)(_function)
 
 
+def _limit_native_thread_pools(args: list[str]) -> None:
+    """Apply ``--threads N`` to the BLAS/OpenMP pools before numpy or torch load them.
+
+    Those pools read their size from the environment once, at library load; the commands import
+    numpy and torch lazily, so setting the variables here is early enough (torch's own pool is
+    also set by the command through torch.set_num_threads).
+    """
+    for i, arg in enumerate(args):
+        value = args[i + 1] if arg == "--threads" and i + 1 < len(args) else arg.partition("=")[2] if arg.startswith("--threads=") else None
+        if value is not None and value.isdigit() and int(value) >= 1:
+            for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
+                os.environ[variable] = value
+
+
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
     print(f"scvi-cli: warning: {message}", file=sys.stderr if file is None else file)
 
@@ -68,18 +86,29 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app and turn every failure into a message and exit code.
 
-    Typer reports usage errors itself (exit 2); library errors and bugs are turned into one line
-    here, so no traceback reaches a pipeline log unless ``--debug`` asks for it.
+    Usage errors from the parser (exit 2), library errors (their own codes) and bugs (exit 1)
+    all become one line here, so no traceback reaches a pipeline log unless ``--debug`` asks.
     """
     args = sys.argv[1:] if argv is None else argv
+    invocation[:] = [str(a) for a in args]
     debug = "--debug" in args
+    _limit_native_thread_pools(args)
     if not debug:
         warnings.showwarning = _one_line_warning
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
-        app(args=args, prog_name="scvi-cli")  # exits through SystemExit with typer's code
-        code = 0
+        returned = app(args=args, prog_name="scvi-cli", standalone_mode=False)
+        code = returned if isinstance(returned, int) else 0
+    except TyperException as error:  # usage errors found by the parser: one line, exit 2
+        if type(error).__name__ != "NoArgsIsHelpError":  # that one has printed the help already
+            context = getattr(error, "ctx", None)
+            hint = f" (see '{context.command_path} --help')" if context is not None else ""
+            print(f"scvi-cli: error: {error.format_message()}{hint}", file=sys.stderr)
+        code = getattr(error, "exit_code", 2)
+    except typer.Abort:
+        print("scvi-cli: interrupted", file=sys.stderr)
+        code = EXIT_INTERRUPTED
     except ScviCliError as error:
         if debug:
             traceback.print_exc()

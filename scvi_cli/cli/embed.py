@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from scvi_cli.cli import options
+from scvi_cli.cli.options import refuse_existing
 
 EPILOG = (
     "Examples:\n\n"
@@ -47,13 +48,15 @@ def embed(
     from scvi_cli.progress import make_reporter
     from scvi_cli.trained_model import load_trained_model
 
-    fmt = check_output(out)
+    fmt = check_output(out, data)
     if minimal and fmt != ".h5ad":
         raise UsageError(f"--minimal applies to .h5ad outputs only, not {out}")
     torch_device = resolve_device(device)
     limit_threads(threads)
     trained = load_trained_model(model, device=torch_device)
     adata, query = queries.load_query(trained, data, allow_missing_genes)
+    if fmt == ".h5ad" and not minimal:
+        refuse_existing(data, "obsm", adata.obsm, [obsm_key], "--obsm-key")
 
     blocks: list = []
     queries.drain(

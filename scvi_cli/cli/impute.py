@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from scvi_cli.cli import options
+from scvi_cli.cli.options import refuse_existing
 
 EPILOG = (
     "Examples:\n\n"
@@ -56,7 +57,7 @@ def impute(
     from scvi_cli.progress import make_reporter
     from scvi_cli.trained_model import load_trained_model
 
-    fmt = check_output(out)
+    fmt = check_output(out, data)
     library = queries.parse_library_size(library_size)
     wanted = None if genes is None else queries.parse_gene_list(genes)
     torch_device = resolve_device(device)
@@ -67,6 +68,8 @@ def impute(
     gene_index = None if wanted is None else queries.gene_indices(model_genes, wanted)
     gene_names = model_genes if wanted is None else wanted
     adata, query = queries.load_query(trained, data, allow_missing_genes)
+    if fmt == ".h5ad":
+        refuse_existing(data, "layers", adata.layers, [layer_name], "--layer-name")
 
     blocks = queries.iter_normalized_expression(
         trained.module,

@@ -11,3 +11,14 @@ AllowMissingGenes = typer.Option(
     False, "--allow-missing-genes", help="Fill model genes that the data lacks with zeros (and say how many)."
 )
 Quiet = typer.Option(False, "--quiet", "-q", help="No progress output.")
+
+
+def refuse_existing(data, where: str, mapping, keys, flag: str) -> None:
+    """An .h5ad output must not silently replace an entry of the input (e.g. a 'counts' layer)."""
+    from scvi_cli.errors import UsageError
+
+    taken = [key for key in keys if key in mapping]
+    if taken:
+        raise UsageError(
+            f"{data}: {where}[{taken[0]!r}] already exists; the output would replace it (choose another name with {flag})"
+        )

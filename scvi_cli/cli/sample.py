@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from scvi_cli.cli import options
+from scvi_cli.cli.options import refuse_existing
 
 EPILOG = (
     "Examples:\n\n"
@@ -46,7 +47,7 @@ def sample(
     from scvi_cli.progress import make_reporter
     from scvi_cli.trained_model import load_trained_model
 
-    fmt = check_output(out)
+    fmt = check_output(out, data)
     if fmt != ".h5ad" and n_samples > 1:
         raise UsageError(f"--n-samples {n_samples}: a {fmt} table holds one sample; write several to .h5ad (layers sample_0 ..)")
     torch_device = resolve_device(device)
@@ -54,6 +55,8 @@ def sample(
     trained = load_trained_model(model, device=torch_device)
     code = None if transform_batch is None else queries.batch_codes(trained.checkpoint.categories, [transform_batch])[0]
     adata, query = queries.load_query(trained, data, allow_missing_genes)
+    if fmt == ".h5ad":
+        refuse_existing(data, "layers", adata.layers, [f"sample_{s}" for s in range(n_samples)], "the sample layers")
     genes = list(trained.checkpoint.gene_names)
 
     blocks = queries.iter_posterior_predictive(

@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from scvi_cli.cli import options
+from scvi_cli.errors import ScviCliError
 
 EPILOG = (
     "Examples:\n\n"
@@ -55,43 +56,53 @@ def train(
     reporter = make_reporter(quiet)
     if log_file is not None:
         reporter = open_log(log_file, reporter)
-    result = train_from_h5ad(
-        data,
-        spec_obj,
-        out,
-        device=device,
-        threads=threads,
-        reporter=reporter,
-        checkpoint_every=checkpoint_every,
-        resume=resume,
-        force=force,
-        deterministic=deterministic,
-    )
-    final = result.final_metrics()
-    if as_json:
-        summary = {"checkpoint": str(result.checkpoint_path), "history": str(result.history_path),
-                   "training": result.training, "final_metrics": final}
-        typer.echo(json.dumps(summary))
-    elif not quiet:
-        shown = {k: round(v, 3) for k, v in final.items() if k.startswith(("elbo", "reconstruction", "kl_local"))}
-        reporter.message(f"final metrics per cell: {shown}")
-        reporter.message(
+    try:
+        result = train_from_h5ad(
+            data,
+            spec_obj,
+            out,
+            device=device,
+            threads=threads,
+            reporter=reporter,
+            checkpoint_every=checkpoint_every,
+            resume=resume,
+            force=force,
+            deterministic=deterministic,
+        )
+        final = result.final_metrics()
+        summary = (
             f"wrote {result.checkpoint_path} and {result.history_path} "
             f"({result.training['epochs_run']} epochs, {result.training['seconds']:.1f} s)"
         )
+        if as_json:
+            typer.echo(json.dumps({"checkpoint": str(result.checkpoint_path), "history": str(result.history_path),
+                                   "training": result.training, "final_metrics": final}))
+        elif not quiet:
+            shown = {k: round(v, 3) for k, v in final.items() if k.startswith(("elbo", "reconstruction", "kl_local"))}
+            reporter.message(f"final metrics per cell: {shown}")
+            reporter.message(summary)
+        if log_file is not None:
+            reporter.record(summary)
+    except ScviCliError as error:  # the log must say how the run ended, preemption included
+        if log_file is not None:
+            reporter.record(f"exit {error.exit_code}: {error}")
+        raise
+    finally:
+        if log_file is not None:
+            reporter.close_log()
 
 
 def open_log(path: Path, reporter):
     """A reporter that also appends to ``path``, starting with the exact command line and versions."""
     import shlex
-    import sys
 
     from scvi_cli.atomic import check_writable
+    from scvi_cli.cli import invocation
     from scvi_cli.checkpoint import current_versions
     from scvi_cli.progress import LogFileReporter
 
     check_writable(path)
     logged = LogFileReporter(reporter, path)
     versions = " ".join(f"{k}={v}" for k, v in current_versions().items())
-    logged.header([f"# command: {shlex.join(['scvi-cli', *sys.argv[1:]])}", f"# versions: {versions}"])
+    logged.header([f"# command: {shlex.join(['scvi-cli', *invocation])}", f"# versions: {versions}"])
     return logged

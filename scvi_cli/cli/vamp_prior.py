@@ -37,7 +37,7 @@ def vamp_prior(
     import numpy as np
 
     from scvi_cli import queries
-    from scvi_cli.atomic import atomic_write, check_writable
+    from scvi_cli.atomic import atomic_write, check_writable, refuse_input_as_output
     from scvi_cli.device import limit_threads, resolve_device
     from scvi_cli.errors import UsageError
     from scvi_cli.progress import make_reporter
@@ -46,6 +46,7 @@ def vamp_prior(
     if out.suffix.lower() != ".npz":
         raise UsageError(f"--out {out}: the VampPrior is written as .npz")
     check_writable(out)
+    refuse_input_as_output(out, data)
     torch_device = resolve_device(device)
     limit_threads(threads)
     trained = load_trained_model(model, device=torch_device)
