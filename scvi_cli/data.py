@@ -300,8 +300,12 @@ def _obs_column(obs, key: str, spec_field: str, path: str):
 def _categorical_codes(
     column, key: str, path: str, training: list[str] | None
 ) -> tuple[np.ndarray, list[str]]:
-    """int64 codes of an obs column: its values in sorted order of their string form, or the
-    positions of those strings in `training` (the categories a model was trained with)."""
+    """int64 codes of an obs column: its values in sorted order, or the positions of their
+    string forms in `training` (the categories a model was trained with).
+
+    Values are sorted as values, as pandas orders categories (numbers numerically: 1, 2, 10, not
+    1, 10, 2), so codes agree with scvi-tools' registry; mixed types fall back to string order.
+    """
     import pandas as pd
 
     codes, uniques = pd.factorize(column, use_na_sentinel=True)
@@ -310,7 +314,11 @@ def _categorical_codes(
         raise DataError(f"{path}: obs[{key!r}] has {n_missing} missing (NaN) values; fill or drop those cells")
     names = [str(u) for u in uniques]
     if training is None:
-        categories = sorted(set(names))
+        try:
+            ordered = sorted(set(np.asarray(uniques).tolist()))
+        except TypeError:  # mixed types (e.g. str and int) have no order of their own
+            ordered = sorted(set(names))
+        categories = list(dict.fromkeys(str(value) for value in ordered))
     else:
         categories = list(training)
         known = set(categories)

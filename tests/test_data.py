@@ -303,14 +303,14 @@ def test_all_cells_zero_is_an_error():
         D.count_data_from_anndata(adata, spec(), "d")
 
 
-def test_categories_are_sorted_strings_and_codes_int64():
+def test_categories_are_sorted_values_and_codes_int64():
     adata, _ = make_adata()
     data = D.count_data_from_anndata(
         adata, spec(batch_key="batch", labels_key="cell_type", cat=["donor"], cont=["age"]), "d"
     )
     assert data.categories["batch"] == ["b0", "b1", "b2"]
     assert data.categories["labels"] == ["B", "Mono", "NK", "T"]
-    assert data.categories["donor"] == ["1", "10", "3"]  # sorted as strings
+    assert data.categories["donor"] == ["1", "3", "10"]  # numbers sorted as numbers, as pandas does
     for codes, key, col in ((data.batch_codes, "batch", "batch"), (data.label_codes, "labels", "cell_type")):
         assert codes.dtype == np.int64 and codes.shape == (60,)
         decoded = np.array(data.categories[key])[codes]
