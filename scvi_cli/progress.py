@@ -16,6 +16,16 @@ def format_metrics(metrics: dict[str, float]) -> str:
     return " ".join(f"{name}={metrics[name]:.4g}" for name in SHOWN if name in metrics)
 
 
+def compact_metrics(metrics: dict[str, float]) -> str:
+    """The few numbers that fit beside a progress bar on an 80-column terminal."""
+    parts = [f"elbo {metrics['elbo_train']:.1f}"] if "elbo_train" in metrics else []
+    if "elbo_validation" in metrics:
+        parts.append(f"val {metrics['elbo_validation']:.1f}")
+    if "kl_weight" in metrics:
+        parts.append(f"kl_w {metrics['kl_weight']:.2f}")
+    return " ".join(parts)
+
+
 class SilentReporter:
     def start(self, total_epochs: int, first_epoch: int = 0, description: str = "training") -> None:
         pass
@@ -75,7 +85,7 @@ class RichReporter(SilentReporter):
         self.task = self.progress.add_task(description, total=total_epochs, completed=first_epoch, metrics="")
 
     def epoch(self, epoch: int, metrics: dict[str, float]) -> None:
-        self.progress.update(self.task, completed=epoch + 1, metrics=format_metrics(metrics))
+        self.progress.update(self.task, completed=epoch + 1, metrics=compact_metrics(metrics))
 
     def message(self, text: str) -> None:
         self.console.print(text, highlight=False)

@@ -78,8 +78,10 @@ def train(
             typer.echo(json.dumps({"checkpoint": str(result.checkpoint_path), "history": str(result.history_path),
                                    "training": result.training, "final_metrics": final}))
         elif not quiet:
-            shown = {k: round(v, 3) for k, v in final.items() if k.startswith(("elbo", "reconstruction", "kl_local"))}
-            reporter.message(f"final metrics per cell: {shown}")
+            shown = ", ".join(
+                f"{k} {v:.2f}" for k, v in final.items() if k.startswith(("elbo", "reconstruction", "kl_local"))
+            )
+            reporter.message(f"last epoch, per cell: {shown}")
             reporter.message(summary)
         if log_file is not None:
             reporter.record(summary)
