@@ -1,8 +1,10 @@
 """Apply a trained model to cells: latent space, normalized expression, posterior predictive counts,
 LDVAE gene loadings and CondSCVI's VampPrior.
 
-Every query runs without gradients, in eval mode, one minibatch of cells at a time. The ``iter_*``
-functions yield one numpy block per minibatch, so a caller can write each block as it comes and a
+The computations are the modules' own query methods (latent, sample_scale, sample_rate,
+posterior_predictive_sample, latent_distribution_params, get_loadings); this module runs them
+over a dataset. Every query runs without gradients, in eval mode, one minibatch of cells at a
+time. The ``iter_*`` functions yield one numpy block per minibatch, so a caller can write each block as it comes and a
 result of 1M cells x 2k genes never sits in memory; the plain functions stack the blocks, for
 small results and for tests. Randomness (the logistic-normal latent's Monte Carlo mean, posterior
 samples) is seeded with ``torch.manual_seed(seed)`` when iteration starts, so a call repeats
@@ -21,21 +23,16 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from scvi_cli.data import CountData, count_data_from_anndata, iterate_in_order, read_h5ad
 from scvi_cli.errors import ScviCliError, UsageError
 from scvi_cli.minibatch import Minibatch
 from scvi_cli.models import VAE, VAEC
-from scvi_cli.nn.decoders import DecoderSCVI, LinearDecoderSCVI
-from scvi_cli.nn.fc_layers import ACTIVATION, BATCH_NORM, LAYER_NORM, LINEAR, one_hot
+from scvi_cli.models.vae import CHUNK_ELEMENTS, LN_MC_SAMPLES
+from scvi_cli.nn.decoders import LinearDecoderSCVI
 
 DEFAULT_BATCH_SIZE = 1024
-# Monte Carlo draws for the mean of softmax(z) under the logistic normal (as scvi-tools does).
-LN_MC_SAMPLES = 5000
-# Floats held per intermediate (draws x cells x dims, cells x gene chunk): about 64 MiB.
-_MAX_ELEMENTS = 1 << 24
 _INT32_MAX = np.iinfo(np.int32).max
 _MAX_LISTED = 10
 
@@ -174,24 +171,6 @@ def _check_module(module: nn.Module) -> None:
 # Latent space
 
 
-def _gaussian_draws(mean: torch.Tensor, var: torch.Tensor, n: int) -> torch.Tensor:
-    """(n, *mean.shape) reparameterised draws from N(mean, var)."""
-    return mean + var.sqrt() * torch.randn((n, *mean.shape), device=mean.device)
-
-
-@torch.no_grad()
-def _ln_mean(qz_m: torch.Tensor, qz_v: torch.Tensor, mc_samples: int) -> torch.Tensor:
-    """Monte Carlo mean of softmax(z), z ~ N(qz_m, qz_v), in draw chunks that bound memory."""
-    per_chunk = max(1, _MAX_ELEMENTS // qz_m.numel())
-    total = torch.zeros_like(qz_m)
-    done = 0
-    while done < mc_samples:
-        size = min(per_chunk, mc_samples - done)
-        total += _gaussian_draws(qz_m, qz_v, size).softmax(dim=-1).sum(dim=0)
-        done += size
-    return total / mc_samples
-
-
 def iter_latent(
     module: nn.Module,
     data: CountData,
@@ -202,25 +181,15 @@ def iter_latent(
     seed: int = 0,
     device="cpu",
 ) -> Iterator[np.ndarray]:
-    """(B, n_latent) float32 blocks: the posterior mean of z, or one posterior draw with ``sample``.
-
-    For the logistic-normal latent the mean is E[softmax(z)] over ``mc_samples`` draws (the
-    softmax of the Gaussian mean would be biased towards the uniform), and a draw is softmax(z).
+    """(B, n_latent) float32 blocks of ``module.latent``: the posterior mean of z, or one posterior
+    draw with ``sample``. For the logistic-normal latent the mean is E[softmax(z)] over
+    ``mc_samples`` draws, and a draw is softmax(z).
     """
     _check_module(module)
     torch.manual_seed(seed)
     with torch.no_grad():
         for batch in _minibatches(module, data, batch_size, device):
-            if isinstance(module, VAEC):
-                z = module.latent(batch, give_mean=not sample)
-            elif sample:
-                z = module.latent(batch, give_mean=False)
-            else:
-                out = module.inference(batch.x, batch.batch_index, batch.cont_covs, batch.cat_covs)
-                z = out["qz_m"]
-                if module.latent_distribution == "ln":
-                    z = _ln_mean(out["qz_m"], out["qz_v"], mc_samples)
-            yield z.float().cpu().numpy()
+            yield module.latent(batch, give_mean=not sample, mc_samples=mc_samples).float().cpu().numpy()
 
 
 def latent_representation(module: nn.Module, data: CountData, **kwargs) -> np.ndarray:
@@ -232,164 +201,9 @@ def latent_representation(module: nn.Module, data: CountData, **kwargs) -> np.nd
 # Normalized expression
 
 
-def _categorical_codes(module: VAE, cat_covs: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-    """The extra categorical covariates as (B, 1) code columns, as VAE.generative passes them."""
-    if cat_covs is None or not module.n_cats_per_cov:
-        return ()
-    return tuple(torch.split(cat_covs, 1, dim=1))
-
-
-class _ScaleHead:
-    """The last, per-gene layer of a decoder for one minibatch, evaluable on any set of genes.
-
-    ``logits(start, stop)`` gives the pre-activation of genes start..stop-1 and ``logits_at(idx)``
-    of the genes ``idx``; ``softmax`` says whether px_scale normalises over all genes.
-    """
-
-    def __init__(self, n_genes: int, softmax: bool, logits_at: Callable[[torch.Tensor | slice], torch.Tensor]):
-        self.n_genes = n_genes
-        self.softmax = softmax
-        self.logits_at = logits_at
-
-    def logits(self, start: int, stop: int) -> torch.Tensor:
-        return self.logits_at(slice(start, stop))
-
-
-def _linear_rows(h: torch.Tensor, linear: nn.Linear, genes) -> torch.Tensor:
-    """Linear(h) for the output rows ``genes`` only (a slice or an index tensor)."""
-    bias = None if linear.bias is None else linear.bias[genes]
-    return F.linear(h, linear.weight[genes], bias)
-
-
-def _network_head(module: VAE, z: torch.Tensor, batch: Minibatch, batch_index: torch.Tensor) -> _ScaleHead:
-    """DecoderSCVI: hidden layer h once, then any rows of the px_scale Linear."""
-    decoder: DecoderSCVI = module.decoder
-    decoder_input = z
-    if batch.cont_covs is not None and module.n_continuous_cov:
-        decoder_input = torch.cat([z, batch.cont_covs], dim=-1)
-    h = decoder.px_decoder(decoder_input, batch_index, *_categorical_codes(module, batch.cat_covs))
-    linear, activation = decoder.px_scale_decoder[0], decoder.px_scale_decoder[1]
-    softmax = isinstance(activation, nn.Softmax)
-    if softmax:
-        return _ScaleHead(linear.out_features, True, lambda genes: _linear_rows(h, linear, genes))
-    return _ScaleHead(linear.out_features, False, lambda genes: activation(_linear_rows(h, linear, genes)))
-
-
-def _linear_head(module: VAE, z: torch.Tensor, batch: Minibatch, batch_index: torch.Tensor) -> _ScaleHead:
-    """LDVAE's decoder: softmax(BN(W [z, one-hots])); Linear and eval-mode BN act gene by gene,
-    so the rows of W and the BN statistics of the wanted genes are all that is needed."""
-    regressor = module.decoder.factor_regressor
-    codes = (batch_index, *_categorical_codes(module, batch.cat_covs))
-    block = regressor.fc_layers[0]
-    n_genes = block[LINEAR].out_features
-    if block[LAYER_NORM] is not None or block[ACTIVATION] is not None or regressor.training:
-        full = regressor(z, *codes)  # not gene-separable: compute all, then select
-        return _ScaleHead(n_genes, True, lambda genes: full[..., genes])
-    one_hots = [one_hot(c, n) for n, c in zip(regressor.n_cat_list, codes) if n > 1]
-    u = torch.cat([z, *[oh.expand(*z.shape[:-1], oh.shape[-1]) for oh in one_hots]], dim=-1) if one_hots else z
-    bn = block[BATCH_NORM]
-
-    def logits_at(genes):
-        y = _linear_rows(u, block[LINEAR], genes)
-        if bn is None:
-            return y
-        shape = y.shape
-        y = F.batch_norm(
-            y.reshape(-1, shape[-1]),
-            bn.running_mean[genes],
-            bn.running_var[genes],
-            None if bn.weight is None else bn.weight[genes],
-            None if bn.bias is None else bn.bias[genes],
-            training=False,
-            eps=bn.eps,
-        )
-        return y.reshape(shape)
-
-    return _ScaleHead(n_genes, True, logits_at)
-
-
-def _vaec_head(module: VAEC, z: torch.Tensor, batch: Minibatch, batch_index: torch.Tensor) -> _ScaleHead:
-    """VAEC: softmax(px_decoder(h) + per_ct_bias[label])."""
-    embedding = module._embeddings_dict["batch"](batch_index.reshape(-1))
-    h = module.decoder(torch.cat([z, embedding.expand(*z.shape[:-1], embedding.shape[-1])], dim=-1), batch.labels)
-    labels = batch.labels.reshape(-1)
-    linear = module.px_decoder
-
-    def logits_at(genes):
-        return _linear_rows(h, linear, genes) + module.per_ct_bias[:, genes][labels]  # bias rows of the wanted genes
-
-    return _ScaleHead(linear.out_features, True, logits_at)
-
-
-def _scale_head(module: nn.Module, z: torch.Tensor, batch: Minibatch, batch_index: torch.Tensor) -> _ScaleHead:
-    if isinstance(module, VAEC):
-        return _vaec_head(module, z, batch, batch_index)
-    if isinstance(module.decoder, LinearDecoderSCVI):
-        return _linear_head(module, z, batch, batch_index)
-    if isinstance(module.decoder, DecoderSCVI):
-        return _network_head(module, z, batch, batch_index)
-    raise TypeError(f"no normalized expression for a decoder of type {type(module.decoder).__name__}")
-
-
-def _scale_columns(head: _ScaleHead, genes: torch.Tensor | None, gene_chunk: int) -> torch.Tensor:
-    """px_scale of ``genes`` (all when None), in that order.
-
-    A softmax needs its normaliser over all genes, so all logits are still computed, but a chunk
-    of genes at a time with a running logsumexp: besides the result, memory is cells x chunk,
-    and only the wanted columns are kept. The saving of a gene subset is memory and output
-    size; the last layer's matrix product still covers every gene (the hidden layers are shared
-    anyway). A softplus scale has no normaliser: only the wanted rows are computed.
-    """
-    if not head.softmax:
-        return head.logits_at(slice(None) if genes is None else genes)
-    n = head.n_genes
-    if gene_chunk >= n:
-        logits = head.logits(0, n)
-        if genes is None:
-            return torch.softmax(logits, dim=-1)
-        return torch.exp(logits[..., genes] - torch.logsumexp(logits, dim=-1, keepdim=True))
-    lse = picked = wanted = None
-    for start in range(0, n, gene_chunk):
-        stop = min(start + gene_chunk, n)
-        logits = head.logits(start, stop)
-        chunk_lse = torch.logsumexp(logits, dim=-1)
-        lse = chunk_lse if lse is None else torch.logaddexp(lse, chunk_lse)
-        if picked is None:
-            wanted = genes if genes is not None else torch.arange(n, device=logits.device)
-            picked = logits.new_empty((*logits.shape[:-1], wanted.numel()))
-        inside = torch.nonzero((wanted >= start) & (wanted < stop)).reshape(-1)
-        if inside.numel():
-            picked[..., inside] = logits[..., wanted[inside] - start]
-    return torch.exp(picked - lse.unsqueeze(-1))
-
-
-@torch.no_grad()
-def _posterior(module: nn.Module, batch: Minibatch, n_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z, library) with a leading draw axis: (S, B, D) and (S or 1, B, 1) on the count scale.
-
-    n_samples=0 gives the posterior mean (one entry): z at the mean of q(z|x) (softmax of it for
-    the logistic normal) and the observed library or exp of the latent library's mean; otherwise
-    S joint draws of z and (latent) library from the posterior.
-    """
-    if isinstance(module, VAEC):
-        out = module.inference(batch.x, batch.labels)
-        z = out["qz_m"].unsqueeze(0) if n_samples == 0 else _gaussian_draws(out["qz_m"], out["qz_v"], n_samples)
-        return z, out["library"].unsqueeze(0)
-    out = module.inference(batch.x, batch.batch_index, batch.cont_covs, batch.cat_covs)
-    if n_samples == 0:
-        z = module.z_encoder.transform(out["qz_m"]).unsqueeze(0)
-        log_library = out["library"] if module.use_observed_lib_size else out["ql_m"]
-        return z, torch.exp(log_library).unsqueeze(0)
-    z = module.z_encoder.transform(_gaussian_draws(out["qz_m"], out["qz_v"], n_samples))
-    if module.use_observed_lib_size:
-        log_library = out["library"].unsqueeze(0)
-    else:
-        log_library = _gaussian_draws(out["ql_m"], out["ql_v"], n_samples)
-    return z, torch.exp(log_library)
-
-
 def _gene_chunk(batch_size: int, gene_chunk: int | None) -> int:
-    return gene_chunk if gene_chunk is not None else max(256, _MAX_ELEMENTS // max(1, batch_size))
+    """Genes per logit chunk: about CHUNK_ELEMENTS floats per minibatch unless given."""
+    return gene_chunk if gene_chunk is not None else max(256, CHUNK_ELEMENTS // max(1, batch_size))
 
 
 def iter_normalized_expression(
@@ -405,16 +219,18 @@ def iter_normalized_expression(
     device="cpu",
     gene_chunk: int | None = None,
 ) -> Iterator[np.ndarray]:
-    """(B, genes) float32 blocks of denoised expression: px_scale x library_size.
+    """(B, genes) float32 blocks of denoised expression: the module's sample_scale x library_size.
 
     - ``library_size``: a number N gives N x px_scale (rows sum to N over all genes; 1, the
-      default, as in scvi-tools); 'latent' gives px_rate, each cell's expected counts at its own
-      library (observed total, or exp of the latent library).
+      default, as in scvi-tools); 'latent' gives the module's sample_rate (px_rate), each cell's
+      expected counts at its own library: the observed total or, for a latent library, exp of
+      the posterior mean of the log-library, exp(ql_m) (not the log-normal mean of
+      VAE.library_size); with ``n_samples`` the library is drawn jointly with z.
     - ``n_samples``: 0 decodes the posterior mean (deterministic); S > 0 averages S posterior
       draws of z (and of a latent library).
     - ``transform_batch``: batch codes; each cell is decoded as if from each of them and the
       results averaged (None: the cell's own batch). The same draws serve every batch.
-    - ``genes``: model gene positions; only those columns are produced (see _scale_columns).
+    - ``genes``: model gene positions; only those columns are produced (the module's gene_index).
     - ``gene_chunk``: genes per logit chunk (default: about 64 MiB per minibatch).
     Memory per block is cells x wanted genes plus one gene chunk, whatever S and the batches.
     """
@@ -423,9 +239,9 @@ def iter_normalized_expression(
         raise ValueError(f"n_samples must be >= 0, got {n_samples}")
     if library_size != "latent" and not (isinstance(library_size, (int, float)) and library_size > 0):
         raise ValueError(f"library_size must be a positive number or 'latent', got {library_size!r}")
-    codes = [None] if not transform_batch else [int(c) for c in transform_batch]
-    for code in codes:
-        if code is not None and not 0 <= code < module.n_batch:
+    codes = None if not transform_batch else [int(c) for c in transform_batch]
+    for code in codes or []:
+        if not 0 <= code < module.n_batch:
             raise ValueError(f"transform batch code {code} outside [0, {module.n_batch})")
     if genes is not None:
         genes = np.asarray(genes, dtype=np.int64).reshape(-1)
@@ -434,23 +250,13 @@ def iter_normalized_expression(
     chunk = _gene_chunk(batch_size, gene_chunk)
     torch.manual_seed(seed)
     with torch.no_grad():
-        gene_index = None
         for batch in _minibatches(module, data, batch_size, device):
-            if genes is not None and gene_index is None:
-                gene_index = torch.as_tensor(genes, device=batch.x.device)
-            z, library = _posterior(module, batch, n_samples)
-            total = None
-            for code in codes:
-                batch_index = batch.batch_index if code is None else torch.full_like(batch.batch_index, code)
-                for s in range(z.shape[0]):
-                    scale = _scale_columns(_scale_head(module, z[s], batch, batch_index), gene_index, chunk)
-                    if library_size == "latent":
-                        scale = scale * library[min(s, library.shape[0] - 1)]
-                    total = scale if total is None else total + scale
-            result = total / (len(codes) * z.shape[0])
-            if library_size != "latent":
-                result = result * float(library_size)
-            yield result.float().cpu().numpy()
+            if library_size == "latent":
+                values = module.sample_rate(batch, codes, n_samples, gene_index=genes, gene_chunk=chunk)
+            else:
+                values = module.sample_scale(batch, codes, n_samples, gene_index=genes, gene_chunk=chunk)
+                values = values * float(library_size)
+            yield values.float().cpu().numpy()
 
 
 def normalized_expression(module: nn.Module, data: CountData, **kwargs) -> np.ndarray:

@@ -249,3 +249,108 @@ def test_ldvae_loadings_and_vamp_prior():
     np.testing.assert_allclose(prior["var_vprior"][0], 0.5 + np.stack([lat_means[cells0 & (member == k)].var(0) for k in range(2)])[np.argsort(np.argsort(prior["mean_vprior"][0][:, 0]))], rtol=1e-6)
     assert prior["weights_vprior"].shape == (2, 2)
     np.testing.assert_allclose(prior["weights_vprior"][1].sum(), 1.0)
+
+
+def _query_modules():
+    """Briefly trained VAE (network decoder with covariates, latent library), LDVAE (linear decoder
+    with batch-norm statistics of its own) and VAEC, in eval mode, with their minibatch."""
+    torch.manual_seed(0)
+    batch = synthetic_counts(n_cells=24)
+    means, variances = library_priors(batch.x, batch.batch_index, 2)
+    vae = VAE(40, n_batch=2, n_hidden=16, n_latent=3, n_continuous_cov=2, n_cats_per_cov=[3, 3],
+              use_observed_lib_size=False, library_log_means=means, library_log_vars=variances)
+    ldvae = LDVAE(40, n_batch=2, n_hidden=16, n_latent=3, library_log_means=means, library_log_vars=variances)
+    vaec = VAEC(40, 3, n_hidden=16, n_batch=2)
+    modules = {"vae": vae, "ldvae": ldvae, "vaec": vaec}
+    for module in modules.values():
+        _train(module, batch, steps=5)  # batch-norm running statistics away from their initial values
+        module.eval()
+    return modules, batch
+
+
+@pytest.mark.parametrize("name", ["vae", "ldvae", "vaec"])
+def test_sample_scale_gene_subset_and_transform_batches(name):
+    modules, batch = _query_modules()
+    module = modules[name]
+    genes = [39, 3, 17, 0, 8, 9]
+    full = module.sample_scale(batch)
+    with torch.no_grad():  # px_scale from generative at the posterior mean of z
+        if name == "vaec":
+            out = module.inference(batch.x, batch.labels)
+            expected = module.generative(out["qz_m"], out["library"], batch.labels, batch.batch_index)["px_scale"]
+        else:
+            out = module.inference(batch.x, batch.batch_index, batch.cont_covs, batch.cat_covs)
+            expected = module.generative(
+                out["qz_m"], out["library"], batch.batch_index, batch.cont_covs, batch.cat_covs
+            )["px_scale"]
+    torch.testing.assert_close(full, expected)
+    torch.testing.assert_close(full.sum(1), torch.ones(24))
+    for chunk in (None, 5, 16, 40):  # the normaliser over all genes, a chunk of genes at a time
+        torch.testing.assert_close(module.sample_scale(batch, gene_index=genes, gene_chunk=chunk), full[:, genes])
+        torch.testing.assert_close(module.sample_scale(batch, gene_chunk=chunk), full)
+        torch.testing.assert_close(module.sample_rate(batch, gene_index=genes, gene_chunk=chunk),
+                                   module.sample_rate(batch)[:, genes])
+    one, two = (module.sample_scale(batch, transform_batch=b) for b in (0, 1))
+    assert not torch.allclose(one, two)
+    torch.testing.assert_close(module.sample_scale(batch, transform_batch=[0, 1]), (one + two) / 2)
+    # the same posterior draws serve every transform batch
+    torch.manual_seed(7)
+    averaged = module.sample_scale(batch, transform_batch=[0, 1], n_samples=3, gene_index=genes, gene_chunk=7)
+    torch.manual_seed(7)
+    z, _ = module._posterior_draws(batch, 3)
+    expected = sum(module._scale_head(z[s], batch, b).columns()[:, genes] for b in (0, 1) for s in range(3)) / 6
+    torch.testing.assert_close(averaged, expected)
+
+
+
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_linear_decoder_scale_head_equals_its_forward(layer_norm):
+    """Gene-separable (eval batch norm: rows of W and of the statistics) or not (layer norm, or
+    training mode: everything computed, then selected), the head gives forward's px_scale."""
+    from scvi_cli.nn import LinearDecoderSCVI
+
+    torch.manual_seed(0)
+    decoder = LinearDecoderSCVI(3, 40, n_cat_list=[2], use_layer_norm=layer_norm)
+    z, codes = torch.randn(24, 3), torch.randint(0, 2, (24, 1))
+    with torch.no_grad():
+        for _ in range(5):  # move the batch-norm running statistics
+            decoder("gene", z + torch.randn(24, 3), torch.zeros(24, 1), codes)
+    genes = torch.tensor([39, 3, 17, 0])
+    for training in (False, True):
+        decoder.train(training)
+        with torch.no_grad():
+            head = decoder.scale_head(z, codes)
+            expected = decoder("gene", z, torch.zeros(24, 1), codes)[0]
+        torch.testing.assert_close(head.columns(), expected)
+        torch.testing.assert_close(head.columns(genes, gene_chunk=6), expected[:, genes])
+
+def test_latent_library_conventions():
+    """sample_rate decodes at exp(ql_m), the posterior mean of the log-library; library_size gives
+    the log-normal mean exp(ql_m + ql_v / 2), as scvi-tools' get_latent_library_size."""
+    modules, batch = _query_modules()
+    vae = modules["vae"]
+    with torch.no_grad():
+        out = vae.inference(batch.x, batch.batch_index, batch.cont_covs, batch.cat_covs)
+    torch.testing.assert_close(vae.sample_rate(batch), vae.sample_scale(batch) * torch.exp(out["ql_m"]))
+    torch.testing.assert_close(vae.library_size(batch), torch.exp(out["ql_m"] + 0.5 * out["ql_v"]))
+    vaec = modules["vaec"]
+    torch.testing.assert_close(vaec.sample_rate(batch), vaec.sample_scale(batch) * batch.x.sum(1, keepdim=True))
+
+
+def test_logistic_normal_mean_is_drawn_in_bounded_chunks(monkeypatch):
+    from scvi_cli.models import vae as vae_module
+
+    torch.manual_seed(0)
+    batch = synthetic_counts(n_cells=16)
+    model = VAE(40, n_hidden=16, n_latent=3, latent_distribution="ln").eval()
+    sizes = []
+    draws = vae_module.gaussian_draws
+    monkeypatch.setattr(vae_module, "gaussian_draws", lambda m, v, n: sizes.append(n) or draws(m, v, n))
+    monkeypatch.setattr(vae_module, "CHUNK_ELEMENTS", 16 * 3 * 64)  # 64 draws of (16, 3) per chunk
+    latent = model.latent(batch, mc_samples=5000)
+    assert max(sizes) == 64 and sum(sizes) == 5000
+    torch.testing.assert_close(latent.sum(1), torch.ones(16))
+    with torch.no_grad():
+        out = model.inference(batch.x, batch.batch_index)
+        reference = draws(out["qz_m"], out["qz_v"], 20000).softmax(dim=-1).mean(dim=0)
+    torch.testing.assert_close(latent, reference, atol=2.5e-2, rtol=0)  # Monte Carlo error

@@ -143,6 +143,34 @@ def test_impute_is_library_size_times_px_scale(trained, name):
     np.testing.assert_allclose(ours, rate, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_impute_is_the_modules_sample_scale_and_sample_rate(trained, name):
+    """What the CLI writes is the module's own query, called on the same minibatch and seed."""
+    model, query = trained[name]
+    module = model.module
+    batch = whole(query)
+    genes = np.array([229, 3, 150, 0, 64])
+    for n_samples, codes in ((0, None), (3, [0, 1])):
+        options = dict(transform_batch=codes, n_samples=n_samples, genes=genes, batch_size=80, seed=4, gene_chunk=7)
+        torch.manual_seed(4)
+        scale = module.sample_scale(batch, codes, n_samples, gene_index=genes, gene_chunk=7).numpy()
+        assert np.array_equal(queries.normalized_expression(module, query, library_size=1e4, **options), scale * 1e4)
+        torch.manual_seed(4)
+        rate = module.sample_rate(batch, codes, n_samples, gene_index=genes, gene_chunk=7).numpy()
+        assert np.array_equal(queries.normalized_expression(module, query, library_size="latent", **options), rate)
+
+
+@pytest.mark.parametrize("name", ["scvi", "condscvi", "scvi_cov"])
+def test_embed_is_the_modules_latent(trained, name):
+    model, query = trained[name]
+    module = model.module
+    batch = whole(query)
+    for sample in (False, True):
+        torch.manual_seed(2)
+        expected = module.latent(batch, give_mean=not sample, mc_samples=300).numpy()
+        ours = queries.latent_representation(module, query, sample=sample, mc_samples=300, batch_size=80, seed=2)
+        assert np.array_equal(ours, expected)
+
 @pytest.mark.parametrize("name", ["scvi", "condscvi"])
 def test_latent_library_size_of_observed_library_gives_each_cells_total(trained, name):
     model, query = trained[name]

@@ -16,10 +16,80 @@ from torch import nn
 from scvi_cli.minibatch import Minibatch
 from scvi_cli.models.outputs import LossOutput, gaussian_kl, gaussian_kl_to_standard, gaussian_log_prob
 from scvi_cli.nn import DecoderSCVI, Encoder, NegativeBinomial, Poisson, ZeroInflatedNegativeBinomial, one_hot
+from scvi_cli.nn.decoders import ScaleHead
 
 DISPERSIONS = ("gene", "gene-batch", "gene-label", "gene-cell")
 LIKELIHOODS = ("zinb", "nb", "poisson")
 NORM_PLACEMENTS = ("none", "encoder", "decoder", "both")
+# Monte Carlo draws for the mean of softmax(z) under the logistic normal (as scvi-tools does).
+LN_MC_SAMPLES = 5000
+# Floats held per intermediate of a query (draws x cells x dims, cells x gene chunk): about 64 MiB.
+CHUNK_ELEMENTS = 1 << 24
+
+# transform_batch of the expression queries: None (each cell's own batch), one batch code, or
+# several, whose decodings are averaged.
+TransformBatch = int | Sequence[int] | None
+
+
+def gaussian_draws(mean: torch.Tensor, var: torch.Tensor, n: int) -> torch.Tensor:
+    """(n, *mean.shape) reparameterised draws from N(mean, var)."""
+    return mean + var.sqrt() * torch.randn((n, *mean.shape), device=mean.device)
+
+
+def logistic_normal_mean(qz_m: torch.Tensor, qz_v: torch.Tensor, mc_samples: int) -> torch.Tensor:
+    """Monte Carlo mean of softmax(z), z ~ N(qz_m, qz_v), over ``mc_samples`` draws.
+
+    Drawn in chunks of about CHUNK_ELEMENTS floats, so mc_samples x B x D never exists at once.
+    """
+    per_chunk = max(1, CHUNK_ELEMENTS // qz_m.numel())
+    total = torch.zeros_like(qz_m)
+    done = 0
+    while done < mc_samples:
+        size = min(per_chunk, mc_samples - done)
+        total += gaussian_draws(qz_m, qz_v, size).softmax(dim=-1).sum(dim=0)
+        done += size
+    return total / mc_samples
+
+
+def decoding_batch(batch_index: torch.Tensor, transform_batch: int | None) -> torch.Tensor:
+    """The batch codes to decode with: the cells' own, or ``transform_batch`` for every cell."""
+    return batch_index if transform_batch is None else torch.full_like(batch_index, int(transform_batch))
+
+
+def mean_expression(
+    module: nn.Module,
+    batch: Minibatch,
+    transform_batch: TransformBatch,
+    n_samples: int,
+    gene_index,
+    gene_chunk: int | None,
+    rate: bool,
+) -> torch.Tensor:
+    """px_scale (or px_rate with ``rate``) of ``gene_index``, averaged over posterior draws and
+    transform batches: the sample_scale / sample_rate of VAE and VAEC, through their
+    ``_posterior_draws`` (z and count-scale library) and ``_scale_head`` (the decoder's last layer).
+
+    ``n_samples`` = 0 decodes the posterior mean, S > 0 averages S joint draws of z and library.
+    The draws are made once and every transform batch decodes the same ones, one draw at a time,
+    through the decoder's ScaleHead (``gene_chunk`` genes at a time, all when None): memory is
+    cells x wanted genes plus one gene chunk, whatever S and the number of batches.
+    """
+    if transform_batch is None or np.ndim(transform_batch) == 0:
+        codes = [transform_batch]
+    else:
+        codes = [int(code) for code in transform_batch]
+    if not codes:
+        raise ValueError("transform_batch: an empty list of batches (None decodes each cell as its own batch)")
+    genes = None if gene_index is None else torch.as_tensor(gene_index, dtype=torch.long, device=batch.x.device)
+    z, library = module._posterior_draws(batch, n_samples)
+    total = None
+    for code in codes:
+        for s in range(z.shape[0]):
+            values = module._scale_head(z[s], batch, code).columns(genes, gene_chunk)
+            if rate:
+                values = values * library[s]
+            total = values if total is None else total + values
+    return total / (len(codes) * z.shape[0])
 
 
 @dataclass(frozen=True)
@@ -175,11 +245,8 @@ class VAE(nn.Module):
         cat_covs: torch.Tensor | None = None,
         n_samples: int = 1,
     ) -> dict[str, torch.Tensor]:
-        """q(z | x) and the library. With n_samples > 1, z and library gain a leading sample axis."""
-        x_ = torch.log1p(x) if self.log_variational else x
-        if cont_covs is not None and self.n_continuous_cov and self.encode_covariates:
-            x_ = torch.cat([x_, cont_covs], dim=-1)
-        cats = self._categorical_inputs(cat_covs) if self.encode_covariates else ()
+        """q(z | x) and the (log) library. With n_samples > 1, z and library gain a leading sample axis."""
+        x_, cats = self._encoder_input(x, cont_covs, cat_covs)
         qz_m, qz_v, z = self.z_encoder(x_, batch_index, *cats)
         out = {"qz_m": qz_m, "qz_v": qz_v}
         if self.use_observed_lib_size:
@@ -187,16 +254,29 @@ class VAE(nn.Module):
         else:
             ql_m, ql_v, library = self.l_encoder(x_, batch_index, *cats)
             out.update(ql_m=ql_m, ql_v=ql_v)
-        if n_samples > 1:
-            untransformed = qz_m + qz_v.sqrt() * torch.randn((n_samples, *qz_m.shape), device=qz_m.device)
-            z = self.z_encoder.transform(untransformed)
-            out["untransformed_z"] = untransformed
-            if self.use_observed_lib_size:
-                library = library.expand(n_samples, *library.shape)
-            else:
-                library = ql_m + ql_v.sqrt() * torch.randn((n_samples, *ql_m.shape), device=ql_m.device)
         out.update(z=z, library=library)
+        if n_samples > 1:
+            untransformed, library = self._sample_posterior(out, n_samples)
+            out.update(untransformed_z=untransformed, z=self.z_encoder.transform(untransformed), library=library)
         return out
+
+    def _encoder_input(self, x: torch.Tensor, cont_covs, cat_covs) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """What the encoders see besides the batch: log1p(x) (or x) with, when ``encode_covariates``,
+        the continuous covariates appended, and the categorical code columns."""
+        x_ = torch.log1p(x) if self.log_variational else x
+        if cont_covs is not None and self.n_continuous_cov and self.encode_covariates:
+            x_ = torch.cat([x_, cont_covs], dim=-1)
+        cats = self._categorical_inputs(cat_covs) if self.encode_covariates else ()
+        return x_, cats
+
+    def _sample_posterior(self, inference_outputs: dict, n_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n_samples`` joint posterior draws: untransformed z (S, B, D) and log library (S, B, 1)
+        (the observed one repeated, or drawn from q(l | x)), z drawn first."""
+        untransformed = gaussian_draws(inference_outputs["qz_m"], inference_outputs["qz_v"], n_samples)
+        if self.use_observed_lib_size:
+            library = inference_outputs["library"]
+            return untransformed, library.expand(n_samples, *library.shape)
+        return untransformed, gaussian_draws(inference_outputs["ql_m"], inference_outputs["ql_v"], n_samples)
 
     # ---------------------------------------------------------------------------- generative
     def dispersion_for(self, batch_index: torch.Tensor, labels: torch.Tensor | None, px_r_cell) -> torch.Tensor:
@@ -222,14 +302,8 @@ class VAE(nn.Module):
         transform_batch: int | None = None,
     ) -> dict:
         """p(x | z, library, covariates); ``transform_batch`` decodes every cell as that batch."""
-        decoder_input = z
-        if cont_covs is not None and self.n_continuous_cov:
-            decoder_input = torch.cat([z, cont_covs.expand(*z.shape[:-1], cont_covs.shape[-1])], dim=-1)
-        if transform_batch is not None:
-            batch_index = torch.full_like(batch_index, int(transform_batch))
-        px_scale, px_r_cell, px_rate, px_dropout = self.decoder(
-            self.dispersion, decoder_input, library, batch_index, *self._categorical_inputs(cat_covs)
-        )
+        decoder_input, batch_index, cats = self._decoder_inputs(z, batch_index, cont_covs, cat_covs, transform_batch)
+        px_scale, px_r_cell, px_rate, px_dropout = self.decoder(self.dispersion, decoder_input, library, batch_index, *cats)
         theta = torch.exp(self.dispersion_for(batch_index, labels, px_r_cell))
         if self.gene_likelihood == "zinb":
             px = ZeroInflatedNegativeBinomial(px_rate, theta, px_dropout)
@@ -238,6 +312,14 @@ class VAE(nn.Module):
         else:
             px = Poisson(px_rate)
         return {"px": px, "px_scale": px_scale, "px_rate": px_rate, "px_r": theta, "px_dropout": px_dropout}
+
+    def _decoder_inputs(self, z: torch.Tensor, batch_index, cont_covs, cat_covs, transform_batch: int | None):
+        """(decoder input, batch codes, categorical code columns) as the decoder takes them: z with
+        the continuous covariates appended, the batch codes (all ``transform_batch`` when given)."""
+        decoder_input = z
+        if cont_covs is not None and self.n_continuous_cov:
+            decoder_input = torch.cat([z, cont_covs.expand(*z.shape[:-1], cont_covs.shape[-1])], dim=-1)
+        return decoder_input, decoding_batch(batch_index, transform_batch), self._categorical_inputs(cat_covs)
 
     # ---------------------------------------------------------------------------------- loss
     def library_prior(self, batch_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -271,48 +353,73 @@ class VAE(nn.Module):
 
     # ------------------------------------------------------------------------------- queries
     @torch.no_grad()
-    def latent(self, batch: Minibatch, give_mean: bool = True, mc_samples: int = 5000) -> torch.Tensor:
-        """(B, n_latent) posterior mean of z (Monte Carlo mean of softmax(z) for 'ln'), or a sample."""
-        qz_m, qz_v, z = self.z_encoder(*self._encoder_inputs(batch))
-        if not give_mean:
-            return z
+    def latent(self, batch: Minibatch, give_mean: bool = True, mc_samples: int = LN_MC_SAMPLES) -> torch.Tensor:
+        """(B, n_latent): the posterior mean of z, or one draw from q(z | x) with ``give_mean=False``.
+
+        For the logistic normal the mean is E[softmax(z)] over ``mc_samples`` draws (the softmax
+        of the Gaussian mean would be biased towards the uniform), computed in chunks of draws.
+        """
+        if not give_mean:  # z's encoder alone: the library encoder is neither run nor drawn from
+            x_, cats = self._encoder_input(batch.x, batch.cont_covs, batch.cat_covs)
+            return self.z_encoder(x_, batch.batch_index, *cats)[2]
+        out = self.inference(batch.x, batch.batch_index, batch.cont_covs, batch.cat_covs)
         if self.latent_distribution == "ln":
-            draws = qz_m + qz_v.sqrt() * torch.randn((mc_samples, *qz_m.shape), device=qz_m.device)
-            return draws.softmax(dim=-1).mean(dim=0)
-        return qz_m
+            return logistic_normal_mean(out["qz_m"], out["qz_v"], mc_samples)
+        return out["qz_m"]
 
-    def _encoder_inputs(self, batch: Minibatch) -> tuple[torch.Tensor, ...]:
-        x_ = torch.log1p(batch.x) if self.log_variational else batch.x
-        if batch.cont_covs is not None and self.n_continuous_cov and self.encode_covariates:
-            x_ = torch.cat([x_, batch.cont_covs], dim=-1)
-        cats = self._categorical_inputs(batch.cat_covs) if self.encode_covariates else ()
-        return (x_, batch.batch_index, *cats)
+    def _posterior_draws(self, batch: Minibatch, n_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z, library) with a leading draw axis, (S, B, D) and (S, B, 1), library on the count scale.
 
-    def _decode_mean(self, batch: Minibatch, transform_batch: int | None, n_samples: int) -> dict:
-        """Decode the posterior mean (n_samples=0) or n_samples posterior draws (leading axis)."""
-        inference = self.inference(batch.x, batch.batch_index, batch.cont_covs, batch.cat_covs, n_samples=max(n_samples, 1))
+        n_samples=0 gives the posterior mean as one entry: z at the mean of q(z | x) (its softmax
+        for the logistic normal) and the observed library, or exp(ql_m) for a latent one (exp of
+        the posterior mean of the log-library, the log-normal's median; library_size gives its
+        mean). Otherwise S joint draws of z and (latent) library.
+        """
+        out = self.inference(batch.x, batch.batch_index, batch.cont_covs, batch.cat_covs)
         if n_samples == 0:
-            z = self.z_encoder.transform(inference["qz_m"])
-            library = inference["library"] if self.use_observed_lib_size else inference["ql_m"]
-        else:
-            z, library = inference["z"], inference["library"]
-        return self.generative(z, library, batch.batch_index, batch.cont_covs, batch.cat_covs, batch.labels, transform_batch)
+            z = self.z_encoder.transform(out["qz_m"])
+            log_library = out["library"] if self.use_observed_lib_size else out["ql_m"]
+            return z.unsqueeze(0), torch.exp(log_library).unsqueeze(0)
+        untransformed, log_library = self._sample_posterior(out, n_samples)
+        return self.z_encoder.transform(untransformed), torch.exp(log_library)
+
+    def _scale_head(self, z: torch.Tensor, batch: Minibatch, transform_batch: int | None) -> ScaleHead:
+        """The decoder's px_scale layer for ``z`` (B, D), decoded as ``transform_batch``."""
+        decoder_input, batch_index, cats = self._decoder_inputs(
+            z, batch.batch_index, batch.cont_covs, batch.cat_covs, transform_batch
+        )
+        return self.decoder.scale_head(decoder_input, batch_index, *cats)
 
     @torch.no_grad()
-    def sample_scale(self, batch: Minibatch, transform_batch: int | None = None, n_samples: int = 0) -> torch.Tensor:
-        """Normalised expression px_scale (B, G): from the posterior mean, or averaged over samples."""
-        out = self._decode_mean(batch, transform_batch, n_samples)["px_scale"]
-        return out.mean(dim=0) if n_samples > 1 else out
+    def sample_scale(
+        self, batch: Minibatch, transform_batch: TransformBatch = None, n_samples: int = 0, *, gene_index=None, gene_chunk=None
+    ) -> torch.Tensor:
+        """Normalised expression px_scale (B, G), or (B, len(gene_index)) for those genes.
+
+        Decoded from the posterior mean (``n_samples=0``) or averaged over ``n_samples`` posterior
+        draws; ``transform_batch`` decodes every cell as that batch, or averages over several
+        batches (the same draws for each). ``gene_index`` (gene positions) keeps only those
+        columns, the softmax still normalising over all genes, ``gene_chunk`` genes at a time.
+        """
+        return mean_expression(self, batch, transform_batch, n_samples, gene_index, gene_chunk, rate=False)
 
     @torch.no_grad()
-    def sample_rate(self, batch: Minibatch, transform_batch: int | None = None, n_samples: int = 0) -> torch.Tensor:
-        """Expected counts px_rate = library * px_scale (B, G)."""
-        out = self._decode_mean(batch, transform_batch, n_samples)["px_rate"]
-        return out.mean(dim=0) if n_samples > 1 else out
+    def sample_rate(
+        self, batch: Minibatch, transform_batch: TransformBatch = None, n_samples: int = 0, *, gene_index=None, gene_chunk=None
+    ) -> torch.Tensor:
+        """Expected counts px_rate = library * px_scale (B, G); arguments as for sample_scale.
+
+        The library is the observed total or, for a latent library, exp(ql_m) at the posterior
+        mean (``n_samples=0``; exp of the posterior mean of the log-library, not library_size's
+        log-normal mean exp(ql_m + ql_v / 2)) and a posterior draw, joint with z's, otherwise.
+        """
+        return mean_expression(self, batch, transform_batch, n_samples, gene_index, gene_chunk, rate=True)
 
     @torch.no_grad()
     def library_size(self, batch: Minibatch, give_mean: bool = True) -> torch.Tensor:
-        """(B, 1) library size on the count scale: observed total, or exp of the latent library."""
+        """(B, 1) library size on the count scale: the observed total, or for a latent library its
+        posterior mean exp(ql_m + ql_v / 2) (the log-normal's mean, as scvi-tools'
+        get_latent_library_size), or a draw with ``give_mean=False``."""
         inference = self.inference(batch.x, batch.batch_index, batch.cont_covs, batch.cat_covs)
         if self.use_observed_lib_size or not give_mean:
             return torch.exp(inference["library"])
@@ -325,8 +432,11 @@ class VAE(nn.Module):
         """(n_samples, B, G) counts drawn from p(x | z, l) with z, l drawn from the posterior."""
         draws = []
         for _ in range(n_samples):
-            out = self._decode_mean(batch, transform_batch, n_samples=1)
-            draws.append(out["px"].sample(generator))
+            out = self.inference(batch.x, batch.batch_index, batch.cont_covs, batch.cat_covs)
+            px = self.generative(
+                out["z"], out["library"], batch.batch_index, batch.cont_covs, batch.cat_covs, batch.labels, transform_batch
+            )["px"]
+            draws.append(px.sample(generator))
         return torch.stack(draws)
 
     @torch.no_grad()
@@ -339,16 +449,13 @@ class VAE(nn.Module):
         """
         inference = self.inference(batch.x, batch.batch_index, batch.cont_covs, batch.cat_covs)
         qz_m, qz_v = inference["qz_m"], inference["qz_v"]
-        untransformed = qz_m + qz_v.sqrt() * torch.randn((n_mc_samples, *qz_m.shape), device=qz_m.device)
+        untransformed, library = self._sample_posterior(inference, n_mc_samples)
         log_weight = (
             gaussian_log_prob(untransformed, torch.zeros_like(qz_m), torch.ones_like(qz_v))
             - gaussian_log_prob(untransformed, qz_m, qz_v)
         ).sum(dim=-1)
-        if self.use_observed_lib_size:
-            library = inference["library"].expand(n_mc_samples, *inference["library"].shape)
-        else:
+        if not self.use_observed_lib_size:
             ql_m, ql_v = inference["ql_m"], inference["ql_v"]
-            library = ql_m + ql_v.sqrt() * torch.randn((n_mc_samples, *ql_m.shape), device=ql_m.device)
             prior_m, prior_v = self.library_prior(batch.batch_index)
             log_weight = log_weight + (
                 gaussian_log_prob(library, prior_m, prior_v) - gaussian_log_prob(library, ql_m, ql_v)

@@ -15,7 +15,9 @@ from torch import nn
 from scvi_cli.minibatch import Minibatch
 from scvi_cli.models.kmeans import kmeans
 from scvi_cli.models.outputs import LossOutput, gaussian_kl_to_standard, gaussian_log_prob
+from scvi_cli.models.vae import LN_MC_SAMPLES, VAE, decoding_batch, gaussian_draws
 from scvi_cli.nn import Encoder, FCLayers, NegativeBinomial
+from scvi_cli.nn.decoders import ScaleHead, linear_rows
 
 BATCH_EMBEDDING_DIM = 5
 
@@ -74,14 +76,18 @@ class VAEC(nn.Module):
         qz_m, qz_v, z = self.z_encoder(x_, labels)
         library = x.sum(dim=1, keepdim=True)
         if n_samples > 1:
-            z = qz_m + qz_v.sqrt() * torch.randn((n_samples, *qz_m.shape), device=qz_m.device)
+            z = gaussian_draws(qz_m, qz_v, n_samples)
             library = library.expand(n_samples, *library.shape)
         return {"qz_m": qz_m, "qz_v": qz_v, "z": z, "library": library}
 
-    def generative(self, z: torch.Tensor, library: torch.Tensor, labels: torch.Tensor, batch_index: torch.Tensor) -> dict:
+    def _hidden(self, z: torch.Tensor, labels: torch.Tensor, batch_index: torch.Tensor) -> torch.Tensor:
+        """The decoder's last hidden layer, from z, the label and the batch's embedding."""
         batch_rep = self._embeddings_dict["batch"](batch_index.reshape(-1))
         batch_rep = batch_rep.expand(*z.shape[:-1], BATCH_EMBEDDING_DIM)
-        h = self.decoder(torch.cat([z, batch_rep], dim=-1), labels)
+        return self.decoder(torch.cat([z, batch_rep], dim=-1), labels)
+
+    def generative(self, z: torch.Tensor, library: torch.Tensor, labels: torch.Tensor, batch_index: torch.Tensor) -> dict:
+        h = self._hidden(z, labels, batch_index)
         px_scale = torch.softmax(self.px_decoder(h) + self.per_ct_bias[labels.reshape(-1)], dim=-1)
         px_rate = library * px_scale
         theta = torch.exp(self.px_r)
@@ -101,7 +107,9 @@ class VAEC(nn.Module):
 
     # ------------------------------------------------------------------------------- queries
     @torch.no_grad()
-    def latent(self, batch: Minibatch, give_mean: bool = True) -> torch.Tensor:
+    def latent(self, batch: Minibatch, give_mean: bool = True, mc_samples: int = LN_MC_SAMPLES) -> torch.Tensor:
+        """(B, n_latent) posterior mean of z, or a draw. ``mc_samples`` is unused (the latent is
+        normal); it is accepted so that every module answers VAE's call."""
         out = self.inference(batch.x, batch.labels)
         return out["qz_m"] if give_mean else out["z"]
 
@@ -110,22 +118,34 @@ class VAEC(nn.Module):
         out = self.inference(batch.x, batch.labels)
         return out["qz_m"], out["qz_v"]
 
-    @torch.no_grad()
-    def sample_scale(self, batch: Minibatch, transform_batch: int | None = None, n_samples: int = 0) -> torch.Tensor:
-        """Normalised expression (B, G) from the posterior mean of z, or averaged over n_samples draws."""
-        out = self.inference(batch.x, batch.labels, n_samples=max(n_samples, 1))
-        z = out["qz_m"] if n_samples == 0 else out["z"]
-        library = out["library"]
-        batch_index = batch.batch_index if transform_batch is None else torch.full_like(batch.batch_index, int(transform_batch))
-        scale = self.generative(z, library, batch.labels, batch_index)["px_scale"]
-        return scale.mean(dim=0) if n_samples > 1 else scale
+    def _posterior_draws(self, batch: Minibatch, n_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z, library) with a leading draw axis, (S, B, D) and (S, B, 1): the posterior mean of z
+        as one entry (n_samples=0) or S draws; the library is always the observed total."""
+        out = self.inference(batch.x, batch.labels)
+        z = out["qz_m"].unsqueeze(0) if n_samples == 0 else gaussian_draws(out["qz_m"], out["qz_v"], n_samples)
+        return z, out["library"].expand(z.shape[0], *out["library"].shape)
+
+    def _scale_head(self, z: torch.Tensor, batch: Minibatch, transform_batch: int | None) -> ScaleHead:
+        """softmax(px_decoder(h) + per_ct_bias[label]) for ``z`` (B, D), evaluable on any genes."""
+        h = self._hidden(z, batch.labels, decoding_batch(batch.batch_index, transform_batch))
+        labels = batch.labels.reshape(-1)
+
+        def logits_at(genes):
+            return linear_rows(h, self.px_decoder, genes) + self.per_ct_bias[:, genes][labels]
+
+        return ScaleHead(self.n_input, logits_at)
+
+    # VAE's queries, through this module's _posterior_draws and _scale_head (the library is the
+    # observed total count).
+    sample_scale = VAE.sample_scale
+    sample_rate = VAE.sample_rate
 
     @torch.no_grad()
     def sample(
         self, batch: Minibatch, n_samples: int = 1, transform_batch: int | None = None, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """(n_samples, B, G) posterior predictive counts: z ~ q(z|x), then x ~ NB(mu, theta)."""
-        batch_index = batch.batch_index if transform_batch is None else torch.full_like(batch.batch_index, int(transform_batch))
+        batch_index = decoding_batch(batch.batch_index, transform_batch)
         draws = []
         for _ in range(n_samples):
             out = self.inference(batch.x, batch.labels)
@@ -140,7 +160,7 @@ class VAEC(nn.Module):
         """(B,) importance-sampling estimate of log p(x | label) with q(z | x, label) as proposal."""
         out = self.inference(batch.x, batch.labels)
         qz_m, qz_v = out["qz_m"], out["qz_v"]
-        draws = qz_m + qz_v.sqrt() * torch.randn((n_mc_samples, *qz_m.shape), device=qz_m.device)
+        draws = gaussian_draws(qz_m, qz_v, n_mc_samples)
         log_weight = (
             gaussian_log_prob(draws, torch.zeros_like(qz_m), torch.ones_like(qz_v)) - gaussian_log_prob(draws, qz_m, qz_v)
         ).sum(dim=-1)

@@ -2,12 +2,66 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from scvi_cli.nn.fc_layers import BATCH_NORM, LINEAR, FCLayers
+from scvi_cli.nn.fc_layers import BATCH_NORM, LAYER_NORM, LINEAR, FCLayers, one_hot
+
+Genes = slice | torch.Tensor  # output rows of a per-gene layer: a slice or an index tensor
+
+
+def linear_rows(h: torch.Tensor, linear: nn.Linear, genes: Genes) -> torch.Tensor:
+    """``linear(h)`` for the output rows ``genes`` only."""
+    bias = None if linear.bias is None else linear.bias[genes]
+    return F.linear(h, linear.weight[genes], bias)
+
+
+class ScaleHead:
+    """A decoder's last, per-gene layer for one minibatch, evaluable on any set of genes.
+
+    ``values_at(genes)`` gives the layer's output for ``genes``: the logits when ``softmax``
+    (px_scale normalises over all genes), else px_scale itself. Queries use it to produce a gene
+    subset, or all genes, without holding cells x all genes at once (see ``columns``).
+    """
+
+    def __init__(self, n_genes: int, values_at: Callable[[Genes], torch.Tensor], softmax: bool = True):
+        self.n_genes = n_genes
+        self.values_at = values_at
+        self.softmax = softmax
+
+    def columns(self, genes: torch.Tensor | None = None, gene_chunk: int | None = None) -> torch.Tensor:
+        """px_scale of ``genes`` (all when None), in that order; ``gene_chunk`` genes at a time.
+
+        A softmax needs its normaliser over all genes, so all logits are still computed, but
+        ``gene_chunk`` genes at a time (None: all at once) with a running logsumexp: besides the
+        result, memory is cells x chunk, and only the wanted columns are kept. The saving of a
+        gene subset is memory and output size; the layer's matrix product still covers every gene.
+        Without a softmax there is no normaliser: only the wanted rows are computed.
+        """
+        if not self.softmax:
+            return self.values_at(slice(None) if genes is None else genes)
+        n = self.n_genes
+        if gene_chunk is None or gene_chunk >= n:
+            logits = self.values_at(slice(0, n))
+            if genes is None:
+                return torch.softmax(logits, dim=-1)
+            return torch.exp(logits[..., genes] - torch.logsumexp(logits, dim=-1, keepdim=True))
+        lse = picked = wanted = None
+        for start in range(0, n, gene_chunk):
+            stop = min(start + gene_chunk, n)
+            logits = self.values_at(slice(start, stop))
+            chunk_lse = torch.logsumexp(logits, dim=-1)
+            lse = chunk_lse if lse is None else torch.logaddexp(lse, chunk_lse)
+            if picked is None:
+                wanted = genes if genes is not None else torch.arange(n, device=logits.device)
+                picked = logits.new_empty((*logits.shape[:-1], wanted.numel()))
+            inside = torch.nonzero((wanted >= start) & (wanted < stop)).reshape(-1)
+            if inside.numel():
+                picked[..., inside] = logits[..., wanted[inside] - start]
+        return torch.exp(picked - lse.unsqueeze(-1))
 
 
 class DecoderSCVI(nn.Module):
@@ -57,6 +111,14 @@ class DecoderSCVI(nn.Module):
         px_r = self.px_r_decoder(h) if dispersion == "gene-cell" else None
         return px_scale, px_r, px_rate, px_dropout
 
+    def scale_head(self, z: torch.Tensor, *cat_list: torch.Tensor) -> ScaleHead:
+        """px_scale's layer for these cells: the hidden layers once, then any rows of its Linear."""
+        h = self.px_decoder(z, *cat_list)
+        linear, activation = self.px_scale_decoder[0], self.px_scale_decoder[1]
+        if isinstance(activation, nn.Softmax):
+            return ScaleHead(linear.out_features, lambda genes: linear_rows(h, linear, genes))
+        return ScaleHead(linear.out_features, lambda genes: activation(linear_rows(h, linear, genes)), softmax=False)
+
 
 class LinearDecoderSCVI(nn.Module):
     """LDVAE's decoder: ``px_scale = softmax(BN(W [z, batch one-hot]))``, interpretable through W.
@@ -95,6 +157,41 @@ class LinearDecoderSCVI(nn.Module):
         px_dropout = self.px_dropout_decoder(z, *cat_list)
         px_rate = torch.exp(library) * px_scale
         return px_scale, None, px_rate, px_dropout
+
+    def scale_head(self, z: torch.Tensor, *cat_list: torch.Tensor) -> ScaleHead:
+        """px_scale's layer for these cells, evaluable on any genes.
+
+        In eval mode the Linear and the batch norm act gene by gene, so the rows of W and the
+        batch-norm statistics of the wanted genes are all that is needed. A layer norm (across
+        genes) or training-mode batch norm is not gene-separable: everything is computed, then selected.
+        """
+        regressor = self.factor_regressor
+        block = regressor.fc_layers[0]
+        n_genes = block[LINEAR].out_features
+        if block[LAYER_NORM] is not None or regressor.training:
+            full = regressor(z, *cat_list)
+            return ScaleHead(n_genes, lambda genes: full[..., genes])
+        one_hots = [one_hot(c, n) for n, c in zip(regressor.n_cat_list, cat_list) if n > 1]
+        u = torch.cat([z, *[oh.expand(*z.shape[:-1], oh.shape[-1]) for oh in one_hots]], dim=-1) if one_hots else z
+        bn = block[BATCH_NORM]
+
+        def logits_at(genes: Genes) -> torch.Tensor:
+            y = linear_rows(u, block[LINEAR], genes)
+            if bn is None:
+                return y
+            shape = y.shape
+            y = F.batch_norm(
+                y.reshape(-1, shape[-1]),
+                bn.running_mean[genes],
+                bn.running_var[genes],
+                None if bn.weight is None else bn.weight[genes],
+                None if bn.bias is None else bn.bias[genes],
+                training=False,
+                eps=bn.eps,
+            )
+            return y.reshape(shape)
+
+        return ScaleHead(n_genes, logits_at)
 
     @torch.no_grad()
     def loadings(self) -> torch.Tensor:
