@@ -184,7 +184,23 @@ class ChunkedWriter:
             self.abort()
 
 
-class _NpyWriter(ChunkedWriter):
+class _FileWriter(ChunkedWriter):
+    """A writer that streams into one open file handle ``_fh``."""
+
+    _fh = None
+
+    def _finish(self) -> None:
+        self._fh.close()
+        self._fh = None
+
+    def _release(self) -> None:
+        if self._fh is not None:
+            with contextlib.suppress(Exception):
+                self._fh.close()
+            self._fh = None
+
+
+class _NpyWriter(_FileWriter):
     """A .npy file: the header, then each block's bytes appended (rows are consecutive in C
     order). Plain writes rather than a memory map, whose dirty pages would count as the job's
     resident memory (8 GB for 1M cells x 2k genes) with schedulers that police RSS."""
@@ -201,18 +217,8 @@ class _NpyWriter(ChunkedWriter):
     def _write(self, block: np.ndarray, start: int) -> None:
         self._fh.write(memoryview(block).cast("B"))
 
-    def _finish(self) -> None:
-        self._fh.close()
-        self._fh = None
 
-    def _release(self) -> None:
-        if self._fh is not None:
-            with contextlib.suppress(Exception):
-                self._fh.close()
-            self._fh = None
-
-
-class _TextWriter(ChunkedWriter):
+class _TextWriter(_FileWriter):
     """CSV / TSV (optionally gzip-compressed): a header row, then rows led by their index."""
 
     def __init__(self, path, index, columns, dtype, *, sep: str, compressed: bool, index_name: str):
@@ -235,15 +241,6 @@ class _TextWriter(ChunkedWriter):
         frame = pd.DataFrame(block, index=self.index[start : start + block.shape[0]])
         frame.to_csv(self._fh, sep=self.sep, header=False, lineterminator="\n")
 
-    def _finish(self) -> None:
-        self._fh.close()
-        self._fh = None
-
-    def _release(self) -> None:
-        if self._fh is not None:
-            with contextlib.suppress(Exception):
-                self._fh.close()
-            self._fh = None
 
 
 class _ParquetWriter(ChunkedWriter):

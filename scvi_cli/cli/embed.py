@@ -23,8 +23,8 @@ EPILOG = (
 
 
 def embed(
-    model: Path = typer.Argument(..., help="Checkpoint written by `scvi-cli train`."),
-    data: Path = typer.Argument(..., help="h5ad with the model's genes (matched by name, any order)."),
+    model: Path = options.Model,
+    data: Path = options.QueryData,
     out: Path = typer.Option(..., "--out", "-o", help="Output: .h5ad, .npy, .csv, .tsv or .parquet (by extension)."),
     obsm_key: str = typer.Option("X_scVI", "--obsm-key", help="obsm key of the latent in an .h5ad output."),
     sample: bool = typer.Option(False, "--sample", help="One posterior draw of z instead of its mean."),
@@ -42,18 +42,14 @@ def embed(
     import numpy as np
 
     from scvi_cli import queries
-    from scvi_cli.device import limit_threads, resolve_device
     from scvi_cli.errors import UsageError
     from scvi_cli.outputs import check_output, write_h5ad_with_obsm, write_table
     from scvi_cli.progress import make_reporter
-    from scvi_cli.trained_model import load_trained_model
 
     fmt = check_output(out, data)
     if minimal and fmt != ".h5ad":
         raise UsageError(f"--minimal applies to .h5ad outputs only, not {out}")
-    torch_device = resolve_device(device)
-    limit_threads(threads)
-    trained = load_trained_model(model, device=torch_device)
+    trained, torch_device = options.load_model(model, device, threads)
     adata, query = queries.load_query(trained, data, allow_missing_genes)
     if fmt == ".h5ad" and not minimal:
         refuse_existing(data, "obsm", adata.obsm, [obsm_key], "--obsm-key")

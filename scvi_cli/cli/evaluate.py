@@ -18,8 +18,8 @@ EPILOG = (
 
 
 def evaluate(
-    model: Path = typer.Argument(..., help="Checkpoint written by `scvi-cli train`."),
-    data: Path = typer.Argument(..., help="h5ad with the model's genes (matched by name, any order)."),
+    model: Path = options.Model,
+    data: Path = options.QueryData,
     n_mc_samples: int = typer.Option(100, "--n-mc-samples", min=0, help="Importance samples for marginal_ll (0 skips it)."),
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Cells per inference minibatch."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed for the Monte Carlo draws."),
@@ -29,13 +29,9 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Per-cell reconstruction NLL, KL, negative ELBO and marginal log-likelihood on any h5ad."""
-    from scvi_cli.device import limit_threads, resolve_device
     from scvi_cli.evaluation import evaluate_model
-    from scvi_cli.trained_model import load_trained_model
 
-    torch_device = resolve_device(device)
-    limit_threads(threads)
-    trained = load_trained_model(model, device=torch_device)
+    trained, torch_device = options.load_model(model, device, threads)
     query = trained.load_query(data, allow_missing_genes=allow_missing_genes)
     metrics = evaluate_model(
         trained.module, query, n_mc_samples=n_mc_samples, batch_size=batch_size, seed=seed, device=torch_device

@@ -24,8 +24,8 @@ EPILOG = (
 
 
 def impute(
-    model: Path = typer.Argument(..., help="Checkpoint written by `scvi-cli train`."),
-    data: Path = typer.Argument(..., help="h5ad with the model's genes (matched by name, any order)."),
+    model: Path = options.Model,
+    data: Path = options.QueryData,
     out: Path = typer.Option(..., "--out", "-o", help="Output: .h5ad, .npy, .csv, .tsv or .parquet (by extension)."),
     library_size: str = typer.Option(
         "1",
@@ -52,17 +52,13 @@ def impute(
 ) -> None:
     """Write denoised normalized expression (px_scale x library size), deterministic by default."""
     from scvi_cli import queries
-    from scvi_cli.device import limit_threads, resolve_device
     from scvi_cli.outputs import check_output, open_chunked_writer, open_h5ad_layer_writer
     from scvi_cli.progress import make_reporter
-    from scvi_cli.trained_model import load_trained_model
 
     fmt = check_output(out, data)
     library = queries.parse_library_size(library_size)
     wanted = None if genes is None else queries.parse_gene_list(genes)
-    torch_device = resolve_device(device)
-    limit_threads(threads)
-    trained = load_trained_model(model, device=torch_device)
+    trained, torch_device = options.load_model(model, device, threads)
     codes = queries.batch_codes(trained.checkpoint.categories, transform_batch) if transform_batch else None
     model_genes = list(trained.checkpoint.gene_names)
     gene_index = None if wanted is None else queries.gene_indices(model_genes, wanted)

@@ -11,6 +11,21 @@ AllowMissingGenes = typer.Option(
     False, "--allow-missing-genes", help="Fill model genes that the data lacks with zeros (and say how many)."
 )
 Quiet = typer.Option(False, "--quiet", "-q", help="No progress output.")
+Model = typer.Argument(..., help="Checkpoint written by `scvi-cli train`.")
+QueryData = typer.Argument(..., help="h5ad with the model's genes (matched by name, any order).")
+
+
+def load_model(model, device: str, threads, expected_type=None):
+    """The common start of commands that apply a model: device, thread limits, then the checkpoint.
+
+    Returns ``(trained_model, torch_device)``.
+    """
+    from scvi_cli.device import limit_threads, resolve_device
+    from scvi_cli.trained_model import load_trained_model
+
+    torch_device = resolve_device(device)
+    limit_threads(threads)
+    return load_trained_model(model, expected_type, device=torch_device), torch_device
 
 
 def refuse_existing(data, where: str, mapping, keys, flag: str) -> None:

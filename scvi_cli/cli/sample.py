@@ -23,7 +23,7 @@ EPILOG = (
 
 def sample(
     model: Path = typer.Argument(..., help="Checkpoint written by `scvi-cli train` (scvi, ldvae or condscvi)."),
-    data: Path = typer.Argument(..., help="h5ad with the model's genes (matched by name, any order)."),
+    data: Path = options.QueryData,
     out: Path = typer.Option(..., "--out", "-o", help="Output: .h5ad, or for one sample .npy, .csv, .tsv, .parquet."),
     n_samples: int = typer.Option(1, "--n-samples", min=1, help="Independent samples (layers sample_0 ..)."),
     transform_batch: Optional[str] = typer.Option(
@@ -41,18 +41,14 @@ def sample(
     import scipy.sparse as sp
 
     from scvi_cli import queries
-    from scvi_cli.device import limit_threads, resolve_device
     from scvi_cli.errors import UsageError
     from scvi_cli.outputs import check_output, open_chunked_writer, write_h5ad_with_sample_layers
     from scvi_cli.progress import make_reporter
-    from scvi_cli.trained_model import load_trained_model
 
     fmt = check_output(out, data)
     if fmt != ".h5ad" and n_samples > 1:
         raise UsageError(f"--n-samples {n_samples}: a {fmt} table holds one sample; write several to .h5ad (layers sample_0 ..)")
-    torch_device = resolve_device(device)
-    limit_threads(threads)
-    trained = load_trained_model(model, device=torch_device)
+    trained, torch_device = options.load_model(model, device, threads)
     code = None if transform_batch is None else queries.batch_codes(trained.checkpoint.categories, [transform_batch])[0]
     adata, query = queries.load_query(trained, data, allow_missing_genes)
     if fmt == ".h5ad":

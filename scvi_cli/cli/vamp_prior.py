@@ -38,18 +38,14 @@ def vamp_prior(
 
     from scvi_cli import queries
     from scvi_cli.atomic import atomic_write, check_writable, refuse_input_as_output
-    from scvi_cli.device import limit_threads, resolve_device
     from scvi_cli.errors import UsageError
     from scvi_cli.progress import make_reporter
-    from scvi_cli.trained_model import load_trained_model
 
     if out.suffix.lower() != ".npz":
         raise UsageError(f"--out {out}: the VampPrior is written as .npz")
     check_writable(out)
     refuse_input_as_output(out, data)
-    torch_device = resolve_device(device)
-    limit_threads(threads)
-    trained = load_trained_model(model, device=torch_device)
+    trained, torch_device = options.load_model(model, device, threads)
     if trained.model_type != "condscvi":
         raise UsageError(f"{model}: holds a {trained.model_type} model; vamp-prior needs a condscvi model")
     _, query = queries.load_query(trained, data, allow_missing_genes)
