@@ -664,19 +664,23 @@ def test_cross_field_checks(raw, message):
 
 
 def test_cross_field_valid_combinations():
-    Spec.from_dict({"model": {"dispersion": "gene-label"}, "data": {"labels_key": "ct"}})
-    Spec.from_dict({"model": {"dispersion": "gene-batch"}, "data": {"batch_key": "b"}})
-    Spec.from_dict({"model": {"dispersion": "gene-cell"}})
-    Spec.from_dict({"train": {"early_stopping": True}})  # scvi: 10% validation by default
-    Spec.from_dict(
+    """Each of these combinations validates, and keeps the values it was given."""
+    spec = Spec.from_dict({"model": {"dispersion": "gene-label"}, "data": {"labels_key": "ct"}})
+    assert spec.model.dispersion == "gene-label" and spec.data.labels_key == "ct"
+    spec = Spec.from_dict({"model": {"dispersion": "gene-batch"}, "data": {"batch_key": "b"}})
+    assert spec.model.dispersion == "gene-batch" and spec.data.batch_key == "b"
+    assert Spec.from_dict({"model": {"dispersion": "gene-cell"}}).model.dispersion == "gene-cell"
+    assert Spec.from_dict({"train": {"early_stopping": True}}).train.early_stopping  # scvi: 10% validation
+    spec = Spec.from_dict(
         {
             "model": {"type": "condscvi"},
             "data": {"labels_key": "ct"},
             "train": {"early_stopping": True, "train_size": 0.9},
         }
     )
+    assert spec.model.type == "condscvi" and spec.train.train_size == 0.9
     # batch and labels may share a column; covariates may coexist with both keys
-    Spec.from_dict(
+    spec = Spec.from_dict(
         {
             "data": {
                 "batch_key": "b",
@@ -686,6 +690,8 @@ def test_cross_field_valid_combinations():
             }
         }
     )
+    assert spec.data.batch_key == spec.data.labels_key == "b"
+    assert spec.data.categorical_covariate_keys == ["c1", "c2"] and spec.data.continuous_covariate_keys == ["n1"]
 
 
 # ---------------------------------------------------------------------------------------------
