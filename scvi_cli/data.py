@@ -16,14 +16,14 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
 from scvi_cli.errors import DataError, SpecError
-from scvi_cli.minibatch import Minibatch
+from scvi_cli.minibatch import Minibatch, MinibatchSource  # noqa: F401  (MinibatchSource: CSRMinibatches implements it)
 
 # The single category every cell falls into when no obs key is given (batch, labels). It is "0"
 # because that is what scvi-tools records for a model set up without the key (its mapping is
@@ -226,13 +226,28 @@ def select_counts(adata, layer: str | None, path: str | os.PathLike) -> sp.csr_m
 
     CSC and dense inputs are converted to CSR; values are checked without densifying.
     """
-    path = str(path)
+    X, _, _ = _validated_counts(adata, layer, str(path))
+    return X
+
+
+def _validated_counts(
+    adata, layer: str | None, path: str, gene_names: Sequence[str] | None = None, allow_missing_genes: bool = False
+) -> tuple[sp.csr_matrix, list[str], str]:
+    """(float32 CSR counts, their gene names, the matrix's label), checked without densifying.
+
+    With ``gene_names`` the columns are those genes, matched by name; otherwise all genes, which
+    must then be unique.
+    """
     matrix, genes, label = _locate_counts(adata, layer, path)
     X = _to_csr(matrix, path, label)
     _check_not_empty(X, path, label)
-    _check_unique_genes(genes, path, label)
+    if gene_names is not None:
+        X = _select_genes(X, genes, gene_names, allow_missing_genes, path, label)
+        genes = [str(g) for g in gene_names]
+    else:
+        _check_unique_genes(genes, path, label)
     _validate_values(X, [str(o) for o in adata.obs_names], genes, path, label)
-    return _canonical_float32(X)
+    return _canonical_float32(X), genes, label
 
 
 def _select_genes(
@@ -462,17 +477,8 @@ def count_data_from_anndata(
             if key not in categories:
                 raise DataError(f"{path}: the model has no categories for {key!r}; it was trained without it")
 
-    matrix, genes, label = _locate_counts(adata, layer, path)
-    X = _to_csr(matrix, path, label)
-    _check_not_empty(X, path, label)
-    if gene_names is not None:
-        X = _select_genes(X, genes, gene_names, allow_missing_genes, path, label)
-        genes = [str(g) for g in gene_names]
-    else:
-        _check_unique_genes(genes, path, label)
+    X, genes, label = _validated_counts(adata, layer, path, gene_names, allow_missing_genes)
     obs_names = [str(o) for o in adata.obs_names]
-    _validate_values(X, obs_names, genes, path, label)
-    X = _canonical_float32(X)
 
     totals = row_sums(X)
     kept = totals > 0
@@ -602,16 +608,6 @@ def train_validation_split(
 # Minibatches
 
 
-@runtime_checkable
-class MinibatchSource(Protocol):
-    """What the training loop iterates: in-memory CSR today, a backed (on-disk) source later."""
-
-    def __iter__(self) -> Iterator[Minibatch]: ...
-
-    def __len__(self) -> int:  # minibatches per epoch
-        ...
-
-    def set_epoch(self, epoch: int) -> None: ...
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:

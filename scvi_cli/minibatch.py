@@ -6,7 +6,9 @@ h5ad or distributed shards later) and models can change independently.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -31,3 +33,17 @@ class Minibatch:
 
     def __len__(self) -> int:
         return self.x.shape[0]
+
+
+@runtime_checkable
+class MinibatchSource(Protocol):
+    """What the training loop iterates: in-memory CSR today, a backed (on-disk) or per-process
+    shard source later. The order of an epoch depends only on ``set_epoch``'s argument (and the
+    source's seed), so a resumed or distributed run replays it without saved RNG state."""
+
+    def __iter__(self) -> Iterator[Minibatch]: ...
+
+    def __len__(self) -> int:  # minibatches per epoch
+        ...
+
+    def set_epoch(self, epoch: int) -> None: ...

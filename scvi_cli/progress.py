@@ -141,6 +141,12 @@ class LogFileReporter(SilentReporter):
         self.file.flush()
 
 
+def progress_bar(quiet: bool = False):
+    """A bar on an interactive terminal, nothing otherwise: per-chunk lines of an inference pass
+    would only be noise in a pipeline's log (its one-line summary says what was written)."""
+    return RichReporter() if not quiet and sys.stderr.isatty() else SilentReporter()
+
+
 def make_reporter(quiet: bool = False, stream=None):
     """Silent with ``quiet``; a bar on an interactive stderr; plain lines otherwise."""
     if quiet:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from scvi_cli.minibatch import Minibatch
+from scvi_cli.minibatch import Minibatch, MinibatchSource
 from scvi_cli.models.outputs import LossOutput
 
 METRICS = ("reconstruction_loss", "kl_local", "elbo")
@@ -131,8 +131,8 @@ def evaluate_elbo(model: torch.nn.Module, batches: Iterable[Minibatch], device: 
 
 def fit(
     model: torch.nn.Module,
-    train_batches,
-    validation_batches=None,
+    train_batches: MinibatchSource,
+    validation_batches: MinibatchSource | None = None,
     *,
     settings: TrainSettings,
     device: torch.device | str = "cpu",

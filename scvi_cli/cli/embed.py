@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -44,7 +43,7 @@ def embed(
     from scvi_cli import queries
     from scvi_cli.errors import UsageError
     from scvi_cli.outputs import check_output, write_h5ad_with_obsm, write_table
-    from scvi_cli.progress import make_reporter
+    from scvi_cli.progress import progress_bar
 
     fmt = check_output(out, data)
     if minimal and fmt != ".h5ad":
@@ -58,7 +57,7 @@ def embed(
     queries.drain(
         queries.iter_latent(trained.module, query, sample=sample, batch_size=batch_size, seed=seed, device=torch_device),
         blocks.append,
-        make_reporter(quiet or not sys.stderr.isatty()),
+        progress_bar(quiet),
         queries.n_blocks(query, batch_size),
         "embedding",
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -53,7 +52,7 @@ def impute(
     """Write denoised normalized expression (px_scale x library size), deterministic by default."""
     from scvi_cli import queries
     from scvi_cli.outputs import check_output, open_chunked_writer, open_h5ad_layer_writer
-    from scvi_cli.progress import make_reporter
+    from scvi_cli.progress import progress_bar
 
     fmt = check_output(out, data)
     library = queries.parse_library_size(library_size)
@@ -85,7 +84,7 @@ def impute(
         writer = open_chunked_writer(out, query.obs_names, gene_names)
         where = "expected counts" if library == "latent" else f"library size {library:g}"
     with writer:
-        reporter = make_reporter(quiet or not sys.stderr.isatty())
+        reporter = progress_bar(quiet)
         queries.drain(blocks, writer.write, reporter, queries.n_blocks(query, batch_size), "imputing")
     if not quiet:
         typer.echo(f"wrote {out}: {queries.cells_phrase(query)} x {len(gene_names)} genes ({where})", err=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -43,7 +42,7 @@ def sample(
     from scvi_cli import queries
     from scvi_cli.errors import UsageError
     from scvi_cli.outputs import check_output, open_chunked_writer, write_h5ad_with_sample_layers
-    from scvi_cli.progress import make_reporter
+    from scvi_cli.progress import progress_bar
 
     fmt = check_output(out, data)
     if fmt != ".h5ad" and n_samples > 1:
@@ -58,7 +57,7 @@ def sample(
     blocks = queries.iter_posterior_predictive(
         trained.module, query, n_samples=n_samples, transform_batch=code, batch_size=batch_size, seed=seed, device=torch_device
     )
-    reporter = make_reporter(quiet or not sys.stderr.isatty())
+    reporter = progress_bar(quiet)
     total = queries.n_blocks(query, batch_size)
     if fmt == ".h5ad":
         collected: list = []

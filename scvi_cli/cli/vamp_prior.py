@@ -3,7 +3,6 @@ deconvolution takes."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -39,7 +38,7 @@ def vamp_prior(
     from scvi_cli import queries
     from scvi_cli.atomic import atomic_write, check_writable, refuse_input_as_output
     from scvi_cli.errors import UsageError
-    from scvi_cli.progress import make_reporter
+    from scvi_cli.progress import progress_bar
 
     if out.suffix.lower() != ".npz":
         raise UsageError(f"--out {out}: the VampPrior is written as .npz")
@@ -53,7 +52,7 @@ def vamp_prior(
     queries.drain(
         queries.iter_latent_distribution(trained.module, query, batch_size=batch_size, device=torch_device),
         blocks.append,
-        make_reporter(quiet or not sys.stderr.isatty()),
+        progress_bar(quiet),
         queries.n_blocks(query, batch_size),
         "encoding",
     )
