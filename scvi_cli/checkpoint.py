@@ -25,12 +25,12 @@ import pandas as pd
 import torch
 
 import scvi_cli
+from scvi_cli.spec import MODEL_TYPES
 from scvi_cli.atomic import atomic_write
-from scvi_cli.errors import CheckpointError
+from scvi_cli.errors import CheckpointError, first_line
 
 FORMAT = "scvi-cli-checkpoint"
 FORMAT_VERSION = 1
-MODEL_TYPES = ("scvi", "ldvae", "condscvi")
 
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 # Fields every checkpoint must hold, and the optional ones (empty when absent).
@@ -119,13 +119,6 @@ def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> None:
         torch.save(payload, tmp)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    reason = text[0] if text else ""
-    if len(reason) > 120:
-        reason = reason[:117] + "..."
-    return f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
-
 
 def _read_payload(path: Path) -> Any:
     """torch.load with weights_only, every failure turned into a one-line CheckpointError."""
@@ -149,7 +142,7 @@ def _read_payload(path: Path) -> Any:
             with zipfile.ZipFile(path) as archive:
                 bad = archive.testzip()
         except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
-            raise CheckpointError(f"{path}: checkpoint file is corrupt ({_first_line(exc)})") from exc
+            raise CheckpointError(f"{path}: checkpoint file is corrupt ({first_line(exc)})") from exc
         if bad is not None:
             raise CheckpointError(f"{path}: checkpoint file is corrupt (checksum mismatch in '{bad}')")
     try:
@@ -166,7 +159,7 @@ def _read_payload(path: Path) -> Any:
     except MemoryError:
         raise
     except Exception as exc:  # torch.load fails with RuntimeError, EOFError, OSError, KeyError, ...
-        raise CheckpointError(f"{path}: truncated or corrupt checkpoint file ({_first_line(exc)})") from exc
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint file ({first_line(exc)})") from exc
 
 
 def _is_str_list(value: Any) -> bool:

@@ -22,7 +22,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from scvi_cli.errors import DataError, SpecError
+from scvi_cli.errors import DataError, SpecError, first_line
 from scvi_cli.minibatch import Minibatch, MinibatchSource  # noqa: F401  (MinibatchSource: CSRMinibatches implements it)
 
 # The single category every cell falls into when no obs key is given (batch, labels). It is "0"
@@ -62,7 +62,7 @@ def read_h5ad(path: str | os.PathLike, backed: bool = False):
     try:
         is_hdf5 = h5py.is_hdf5(p)
     except OSError as e:
-        raise DataError(f"{name}: cannot read the file ({_one_line(e)})") from e
+        raise DataError(f"{name}: cannot read the file ({first_line(e)})") from e
     if not is_hdf5:
         raise DataError(f"{name}: not an HDF5 (.h5ad) file")
 
@@ -72,7 +72,7 @@ def read_h5ad(path: str | os.PathLike, backed: bool = False):
         with h5py.File(p, "r") as f:
             top = sorted(f.keys())
     except OSError as e:
-        msg = _one_line(e)
+        msg = first_line(e)
         if "truncated" in msg:
             raise DataError(f"{name}: the file is truncated (incomplete copy or download?)") from e
         raise DataError(f"{name}: corrupt HDF5 file ({msg})") from e
@@ -89,12 +89,7 @@ def read_h5ad(path: str | os.PathLike, backed: bool = False):
     except MemoryError:
         raise
     except Exception as e:  # h5py/anndata raise many types for damaged files; report them all alike
-        raise DataError(f"{name}: cannot read as .h5ad, the file looks corrupt ({_one_line(e)})") from e
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+        raise DataError(f"{name}: cannot read as .h5ad, the file looks corrupt ({first_line(e)})") from e
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,19 +1,33 @@
-"""Where computation runs: device selection and thread limits, checked before any work starts."""
+"""Where computation runs: device selection and thread limits, checked before any work starts.
+
+torch is imported inside the functions, so the CLI can read THREAD_VARIABLES before any heavy import.
+"""
 
 from __future__ import annotations
 
 import os
 import re
-
-import torch
+from typing import TYPE_CHECKING
 
 from scvi_cli.errors import DeviceUnavailableError, UsageError
 
-_THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+if TYPE_CHECKING:
+    import torch
+
+# The environment variables that size the BLAS / OpenMP thread pools, read once when they load.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+
+def set_thread_variables(threads: int) -> None:
+    """Size the BLAS / OpenMP pools of libraries loaded after this call."""
+    for variable in THREAD_VARIABLES:
+        os.environ[variable] = str(threads)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
     """'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps' -> torch.device; a missing GPU is an error."""
+    import torch
+
     name = name.strip().lower()
     if name == "auto":
         if torch.cuda.is_available():
@@ -45,10 +59,11 @@ def limit_threads(threads: int | None) -> None:
     """
     if threads is None:
         return
+    import torch
+
     if threads < 1:
         raise UsageError(f"--threads {threads}: must be at least 1")
-    for variable in _THREAD_VARIABLES:
-        os.environ[variable] = str(threads)
+    set_thread_variables(threads)
     torch.set_num_threads(threads)
     try:
         torch.set_num_interop_threads(threads)

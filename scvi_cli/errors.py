@@ -46,3 +46,15 @@ class DeviceUnavailableError(ScviCliError):
     """A GPU (or other accelerator) was asked for but is not available."""
 
     exit_code = 3
+
+
+def first_line(error: BaseException, *, with_type: bool = True, limit: int = 200) -> str:
+    """An exception as one short line for a message: 'Type: first line of its text' (or the
+    text alone without ``with_type``; the type name when it has no text)."""
+    text = str(error).strip().splitlines()
+    line = text[0].strip() if text else ""
+    if len(line) > limit:
+        line = line[: limit - 3] + "..."
+    if not line:
+        return type(error).__name__
+    return f"{type(error).__name__}: {line}" if with_type else line

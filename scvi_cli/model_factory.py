@@ -29,6 +29,26 @@ def inverse_label_weights(label_codes: np.ndarray, n_labels: int) -> list[float]
     return (1.0 / proportions).tolist()
 
 
+def label_weights(ct_weight: dict | list, data: CountData, labels_key: str | None) -> list[float]:
+    """model.ct_weight as one weight per label code: a list in label order, or {label: weight}
+    with unlisted labels at 1; a wrong length or an unknown label is a DataError naming it."""
+    labels = [str(c) for c in data.categories["labels"]]
+    if isinstance(ct_weight, list):
+        if len(ct_weight) != len(labels):
+            raise DataError(
+                f"{data.source}: model.ct_weight lists {len(ct_weight)} weights for the "
+                f"{len(labels)} labels of obs[{labels_key!r}] ({', '.join(labels)})"
+            )
+        return [float(w) for w in ct_weight]
+    unknown = [name for name in ct_weight if name not in labels]
+    if unknown:
+        raise DataError(
+            f"{data.source}: model.ct_weight names {', '.join(map(repr, unknown))}, not a label of "
+            f"obs[{labels_key!r}] ({', '.join(labels)})"
+        )
+    return [float(ct_weight.get(name, 1.0)) for name in labels]
+
+
 def model_kwargs(spec: Spec, data: CountData) -> dict:
     """Constructor arguments of the spec's module for this data (plain values only)."""
     model = spec.model
@@ -50,6 +70,8 @@ def model_kwargs(spec: Spec, data: CountData) -> dict:
         )
         if model.weight_obs:
             kwargs["ct_weight"] = inverse_label_weights(data.label_codes, data.n_labels)
+        elif model.ct_weight is not None:
+            kwargs["ct_weight"] = label_weights(model.ct_weight, data, spec.data.labels_key)
         return kwargs
 
     kwargs = dict(
@@ -64,6 +86,8 @@ def model_kwargs(spec: Spec, data: CountData) -> dict:
         gene_likelihood=model.gene_likelihood,
         latent_distribution=model.latent_distribution,
         use_observed_lib_size=model.use_observed_lib_size,
+        var_activation=model.var_activation,
+        var_eps=model.var_eps,
     )
     if model.type == "scvi":
         kwargs.update(
@@ -74,9 +98,10 @@ def model_kwargs(spec: Spec, data: CountData) -> dict:
             deeply_inject_covariates=model.deeply_inject_covariates,
             use_batch_norm=model.use_batch_norm,
             use_layer_norm=model.use_layer_norm,
+            scale_activation=model.scale_activation,
         )
     else:
-        kwargs.update(n_layers_encoder=model.n_layers, use_batch_norm=model.use_batch_norm, bias=model.bias)
+        kwargs.update(n_layers_encoder=model.n_layers_encoder, use_batch_norm=model.use_batch_norm, bias=model.bias)
     if not model.use_observed_lib_size:
         sizes = np.bincount(data.batch_codes, minlength=data.n_batch)
         small = [f"{data.categories['batch'][b]!r} ({sizes[b]} cell)" for b in np.flatnonzero(sizes < 2)]

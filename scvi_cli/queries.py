@@ -25,10 +25,10 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-from scvi_cli.data import CountData, count_data_from_anndata, iterate_in_order, read_h5ad
+from scvi_cli.data import CountData, iterate_in_order
 from scvi_cli.errors import ScviCliError, UsageError
 from scvi_cli.minibatch import Minibatch
-from scvi_cli.models import VAE, VAEC
+from scvi_cli.models import VAEC, VAEBase
 from scvi_cli.models.vae import CHUNK_ELEMENTS, LN_MC_SAMPLES
 from scvi_cli.nn.decoders import LinearDecoderSCVI
 
@@ -39,25 +39,6 @@ _MAX_LISTED = 10
 
 # --------------------------------------------------------------------------------------------
 # Query data and argument checks
-
-
-def load_query(trained, data_path: str | Path, allow_missing_genes: bool = False):
-    """(AnnData, CountData) of ``data_path`` shaped for ``trained``: read once, kept for h5ad outputs.
-
-    Genes are matched to the model's by name (any order); missing genes are an error unless
-    ``allow_missing_genes`` fills them with zeros (with a warning saying how many); unknown
-    batch or label categories are an error naming them.
-    """
-    adata = read_h5ad(data_path)
-    query = count_data_from_anndata(
-        adata,
-        trained.spec.data,
-        str(data_path),
-        categories=trained.checkpoint.categories,
-        gene_names=trained.checkpoint.gene_names,
-        allow_missing_genes=allow_missing_genes,
-    )
-    return adata, query
 
 
 def _listing(names: Sequence[str]) -> str:
@@ -163,7 +144,7 @@ def _minibatches(module: nn.Module, data: CountData, batch_size: int, device) ->
 
 
 def _check_module(module: nn.Module) -> None:
-    if not isinstance(module, (VAE, VAEC)):
+    if not isinstance(module, (VAEBase, VAEC)):
         raise TypeError(f"expected a VAE, LDVAE or VAEC module, got {type(module).__name__}")
 
 
@@ -324,7 +305,7 @@ def gene_loadings(module: nn.Module, source: str = "the model") -> np.ndarray:
             "train an ldvae model (model.type: ldvae)"
         )
     module.eval()
-    return module.get_loadings().float().cpu().numpy()
+    return np.asarray(module.get_loadings(), dtype=np.float32)
 
 
 def top_loading_genes(loadings: np.ndarray, gene_names: Sequence[str], n: int) -> list[list[tuple[str, float]]]:
@@ -377,11 +358,20 @@ def vamp_prior(
     seed: int = 0,
     device="cpu",
     source: str = "the model",
+    reporter=None,
 ) -> dict[str, np.ndarray]:
-    """The VampPrior of every cell of ``data`` (see vamp_prior_from_posterior)."""
+    """The VampPrior of every cell of ``data`` (see vamp_prior_from_posterior); ``reporter`` (a
+    progress bar, see ``drain``) ticks once per minibatch encoded."""
     if not isinstance(module, VAEC):
         raise UsageError(f"{source}: a VampPrior needs a condscvi model, not a {type(module).__name__}")
-    blocks = list(iter_latent_distribution(module, data, batch_size=batch_size, device=device))
+    blocks: list = []
+    drain(
+        iter_latent_distribution(module, data, batch_size=batch_size, device=device),
+        blocks.append,
+        reporter,
+        n_blocks(data, batch_size),
+        "encoding",
+    )
     means = np.concatenate([m for m, _ in blocks], axis=0)
     variances = np.concatenate([v for _, v in blocks], axis=0)
     return vamp_prior_from_posterior(means, variances, data, p=p, seed=seed)

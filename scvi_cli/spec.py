@@ -45,6 +45,17 @@ LinearDispersion = Literal["gene", "gene-batch", "gene-label"]
 GeneLikelihood = Literal["zinb", "nb", "poisson"]
 LatentDistribution = Literal["normal", "ln"]
 NormPlacement = Literal["none", "encoder", "decoder", "both"]
+ScaleActivation = Literal["softmax", "softplus"]
+VarActivation = Literal["exp", "softplus"]  # the encoders' variance activation, by name
+
+
+class _Problem(ValueError):
+    """A cross-field inconsistency, carrying the dotted key it is reported under."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+        self.message = message
 
 
 class _Section(BaseModel):
@@ -70,6 +81,9 @@ class ScviModelSpec(_Section):
     deeply_inject_covariates: StrictBool = True  # covariates enter every hidden layer
     use_batch_norm: NormPlacement = "both"
     use_layer_norm: NormPlacement = "none"
+    scale_activation: ScaleActivation = "softmax"  # px_scale: softmax over genes, or softplus
+    var_eps: NonNegativeFloat = 1e-4  # floor of the encoders' variances
+    var_activation: VarActivation = "exp"
 
 
 class LdvaeModelSpec(_Section):
@@ -78,7 +92,7 @@ class LdvaeModelSpec(_Section):
     type: Literal["ldvae"] = "ldvae"
     n_hidden: PositiveInt = 128
     n_latent: PositiveInt = 10
-    n_layers: PositiveInt = 1
+    n_layers_encoder: PositiveInt = 1  # hidden layers of z's encoder; `n_layers` is accepted as a synonym
     dropout_rate: DropoutRate = 0.1
     dispersion: LinearDispersion = "gene"
     gene_likelihood: GeneLikelihood = "nb"
@@ -87,6 +101,24 @@ class LdvaeModelSpec(_Section):
     use_observed_lib_size: StrictBool = False
     use_batch_norm: StrictBool = True  # BatchNorm on the linear decoder's output
     bias: StrictBool = False  # bias term in the linear decoder
+    var_eps: NonNegativeFloat = 1e-4
+    var_activation: VarActivation = "exp"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _n_layers_synonym(cls, raw: Any) -> Any:
+        """`n_layers` (the name scVI uses) means `n_layers_encoder`; both given must agree."""
+        if not isinstance(raw, Mapping) or "n_layers" not in raw:
+            return raw
+        raw = dict(raw)
+        value = raw.pop("n_layers")
+        if "n_layers_encoder" in raw and raw["n_layers_encoder"] != value:
+            raise _Problem(
+                "model.n_layers_encoder",
+                f"{_show(raw['n_layers_encoder'])} disagrees with its synonym model.n_layers ({_show(value)}); give one",
+            )
+        raw["n_layers_encoder"] = value
+        return raw
 
 
 class CondscviModelSpec(_Section):
@@ -99,6 +131,14 @@ class CondscviModelSpec(_Section):
     dropout_rate: DropoutRate = 0.05
     log_variational: StrictBool = True
     weight_obs: StrictBool = False  # weight cells by inverse label frequency
+    # Per-label loss weights: {label: weight} (unlisted labels weigh 1) or a list in label order.
+    ct_weight: dict[Name, PositiveFloat] | list[PositiveFloat] | None = None
+
+    @model_validator(mode="after")
+    def _one_weighting(self) -> "CondscviModelSpec":
+        if self.weight_obs and self.ct_weight is not None:
+            raise _Problem("model.ct_weight", "give either model.ct_weight or model.weight_obs: true, not both")
+        return self
 
 
 ModelSpec = Annotated[
@@ -138,15 +178,6 @@ class TrainSpec(_Section):
 
 
 SECTION_CLASSES: dict[str, type[_Section]] = {"data": DataSpec, "train": TrainSpec}
-
-
-class _Problem(ValueError):
-    """A cross-field inconsistency, carrying the dotted key it is reported under."""
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(message)
-        self.key = key
-        self.message = message
 
 
 class Spec(BaseModel):

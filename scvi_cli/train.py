@@ -124,7 +124,7 @@ def evaluate_elbo(model: torch.nn.Module, batches: Iterable[Minibatch], device: 
     model.eval()
     sums = _MetricSums()
     for batch in batches:
-        sums.add(model(batch.to(device), kl_weight=1.0))
+        sums.add(model.loss_for(batch.to(device), kl_weight=1.0))
     model.train(was_training)
     return sums.averages()
 
@@ -166,7 +166,7 @@ def fit(
         for step, batch in enumerate(train_batches):
             if step < state.step_in_epoch:
                 continue
-            out = model(batch.to(device), kl_weight=weight)
+            out = model.loss_for(batch.to(device), kl_weight=weight)
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             optimizer.step()

@@ -9,15 +9,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from scvi_cli.checkpoint import Checkpoint, load_checkpoint
-from scvi_cli.data import CountData, load_count_data
-from scvi_cli.errors import CheckpointError
+from scvi_cli.data import CountData, count_data_from_anndata, read_h5ad
+from scvi_cli.errors import CheckpointError, first_line
 from scvi_cli.model_factory import build_model
 from scvi_cli.spec import Spec
+
+if TYPE_CHECKING:
+    from anndata import AnnData
 
 
 @dataclass
@@ -31,15 +35,24 @@ class TrainedModel:
     def model_type(self) -> str:
         return self.checkpoint.model_type
 
-    def load_query(self, data_path: str | Path, allow_missing_genes: bool = False) -> CountData:
-        """The cells of ``data_path`` as the model saw its training cells."""
-        return load_count_data(
-            data_path,
+    def load_query(self, data_path: str | Path, allow_missing_genes: bool = False) -> tuple[AnnData, CountData]:
+        """(AnnData, CountData) of ``data_path`` shaped for this model: read once, the AnnData
+        kept for h5ad outputs.
+
+        Genes are matched to the model's by name (any order); missing genes are an error unless
+        ``allow_missing_genes`` fills them with zeros (with a warning saying how many); unknown
+        batch or label categories are an error naming them.
+        """
+        adata = read_h5ad(data_path)
+        query = count_data_from_anndata(
+            adata,
             self.spec.data,
+            str(data_path),
             categories=self.checkpoint.categories,
             gene_names=self.checkpoint.gene_names,
             allow_missing_genes=allow_missing_genes,
         )
+        return adata, query
 
 
 def load_trained_model(path: str | Path, expected_type=None, device: torch.device | str = "cpu") -> TrainedModel:
@@ -50,8 +63,9 @@ def load_trained_model(path: str | Path, expected_type=None, device: torch.devic
         module = build_model(checkpoint.model_type, checkpoint.model_kwargs)
         module.load_state_dict(checkpoint.state_dict)
     except (TypeError, ValueError, RuntimeError, KeyError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{path}: checkpoint does not rebuild its model ({first})") from error
+        raise CheckpointError(
+            f"{path}: checkpoint does not rebuild its model ({first_line(error, with_type=False)})"
+        ) from error
     if len(checkpoint.gene_names) != getattr(module, "n_input", len(checkpoint.gene_names)):
         raise CheckpointError(f"{path}: checkpoint lists {len(checkpoint.gene_names)} genes for a model of {module.n_input}")
     module.to(device).eval()

@@ -43,7 +43,7 @@ def ckpt(tmp_path_factory):
 def library(ckpt):
     """The library's results for each model, to compare the CLI's files with."""
     models = {name: load_trained_model(path) for name, path in ckpt.items()}
-    return {name: (model, queries.load_query(model, PBMC_SMALL)[1]) for name, model in models.items()}
+    return {name: (model, model.load_query(PBMC_SMALL)[1]) for name, model in models.items()}
 
 
 def read_table(path: Path):

@@ -49,7 +49,7 @@ def trained(tmp_path_factory):
         spec = load_spec(None, ["train.max_epochs=4", *overrides])
         train_from_h5ad(PBMC_SMALL, spec, root / f"{name}.ckpt", threads=1, device="cpu")
         model = load_trained_model(root / f"{name}.ckpt")
-        result[name] = (model, queries.load_query(model, PBMC_SMALL)[1])
+        result[name] = (model, model.load_query(PBMC_SMALL)[1])
     return result
 
 
@@ -66,7 +66,7 @@ def direct_scale(module, batch, transform_batch=None):
             b = batch.batch_index if transform_batch is None else torch.full_like(batch.batch_index, transform_batch)
             gen = module.generative(out["qz_m"], out["library"], batch.labels, b)
         else:
-            out = module.inference(batch.x, batch.batch_index, batch.cont_covs, batch.cat_covs)
+            out = module.encode(batch.x, batch.batch_index, batch.cont_covs, batch.cat_covs)
             library = out["library"] if module.use_observed_lib_size else out["ql_m"]
             z = module.z_encoder.transform(out["qz_m"])
             gen = module.generative(
@@ -103,7 +103,7 @@ def test_latent_sample_is_seeded_and_spread_around_the_mean(trained):
     assert np.array_equal(a, b) and not np.array_equal(a, c)
     batch = whole(query)
     with torch.no_grad():
-        sd = model.module.inference(batch.x, batch.batch_index)["qz_v"].sqrt().numpy()
+        sd = model.module.encode(batch.x, batch.batch_index)["qz_v"].sqrt().numpy()
     z_scores = (a - mean) / sd
     assert abs(z_scores.mean()) < 0.15 and 0.85 < z_scores.std() < 1.15
 
@@ -114,7 +114,7 @@ def test_logistic_normal_latent_is_the_mean_of_softmax(trained):
     np.testing.assert_allclose(latent.sum(axis=1), 1.0, rtol=1e-5)
     batch = whole(query)
     with torch.no_grad():
-        out = model.module.inference(batch.x, batch.batch_index, batch.cont_covs, batch.cat_covs)
+        out = model.module.encode(batch.x, batch.batch_index, batch.cont_covs, batch.cat_covs)
     generator = np.random.default_rng(1)
     m, sd = out["qz_m"].numpy().astype(np.float64), out["qz_v"].sqrt().numpy().astype(np.float64)
     draws = m + sd * generator.standard_normal((20000, *m.shape))
@@ -197,7 +197,7 @@ def test_transform_batch_is_the_decoders_one_hot(trained):
     module = model.module
     batch = whole(query)
     with torch.no_grad():
-        z = module.inference(batch.x, batch.batch_index)["qz_m"]
+        z = module.encode(batch.x, batch.batch_index)["qz_m"]
         block = module.decoder.px_decoder.fc_layers[0]
         h = torch.cat([z, torch.nn.functional.one_hot(torch.ones(80, dtype=torch.long), 2).float()], dim=1)
         for layer in block:
@@ -227,8 +227,8 @@ def test_gene_subset_equals_columns_of_the_full_result(trained, name, gene_chunk
 def test_softplus_scale_head_needs_no_normaliser(trained):
     model, query = trained["scvi"]
     torch.manual_seed(0)
-    module = VAE(230, n_batch=2, n_latent=10)
-    module.decoder = DecoderSCVI(10, 230, n_cat_list=[2], scale_activation="softplus")
+    module = VAE(230, n_batch=2, n_latent=10, use_observed_lib_size=True, scale_activation="softplus")
+    assert isinstance(module.decoder.px_scale_decoder[1], torch.nn.Softplus)
     module.eval()
     expected, _ = direct_scale(module, whole(query))
     ours = queries.normalized_expression(module, query, genes=[5, 1], batch_size=16, gene_chunk=3)
@@ -258,7 +258,7 @@ def test_posterior_samples_are_seeded_and_average_near_the_mean(trained):
     reference = np.zeros((80, 230))
     with torch.no_grad():
         for _ in range(300):
-            out = model.module.inference(batch.x, batch.batch_index)
+            out = model.module.encode(batch.x, batch.batch_index)
             reference += model.module.generative(out["z"], out["library"], batch.batch_index)["px_scale"].numpy() / 300
     mean_decode = queries.normalized_expression(model.module, query)
     assert np.abs(many - reference).mean() < 0.2 * np.abs(mean_decode - reference).mean()
@@ -300,7 +300,7 @@ def test_posterior_predictive_counts(trained, name):
                 out = module.inference(batch.x, batch.labels)
                 px = module.generative(out["z"], out["library"], batch.labels, batch.batch_index)["px"]
             else:
-                out = module.inference(batch.x, batch.batch_index)
+                out = module.encode(batch.x, batch.batch_index)
                 px = module.generative(out["z"], out["library"], batch.batch_index)["px"]
             expected[s] = px.mean.numpy().sum(axis=0)
     # per gene, the sampled total over cells agrees with its expectation within Monte Carlo error
@@ -394,7 +394,7 @@ def test_gene_order_of_the_query_does_not_matter(trained, tmp_path):
     order = np.random.default_rng(0).permutation(adata.n_vars)
     shuffled = adata[:, order].copy()
     shuffled.write_h5ad(tmp_path / "shuffled.h5ad")
-    _, reordered = queries.load_query(model, tmp_path / "shuffled.h5ad")
+    _, reordered = model.load_query(tmp_path / "shuffled.h5ad")
     assert reordered.gene_names == query.gene_names
     for function in (queries.latent_representation, queries.normalized_expression):
         assert np.array_equal(function(model.module, reordered), function(model.module, query))
@@ -405,9 +405,9 @@ def test_missing_genes_and_unknown_batches(trained, tmp_path):
     adata = ad.read_h5ad(PBMC_SMALL)
     adata[:, 3:].copy().write_h5ad(tmp_path / "fewer.h5ad")
     with pytest.raises(DataError, match=r"3 of the model's 230 genes are missing.*'MS4A1'"):
-        queries.load_query(model, tmp_path / "fewer.h5ad")
+        model.load_query(tmp_path / "fewer.h5ad")
     with pytest.warns(UserWarning, match="3 of the model's 230 genes are missing; filled with zeros"):
-        adata_out, fewer = queries.load_query(model, tmp_path / "fewer.h5ad", allow_missing_genes=True)
+        adata_out, fewer = model.load_query(tmp_path / "fewer.h5ad", allow_missing_genes=True)
     assert fewer.X[:, :3].nnz == 0 and queries.normalized_expression(model.module, fewer).shape == (80, 230)
     widened = queries.output_anndata(adata_out, fewer, fewer.gene_names)
     assert list(widened.var_names) == list(query.gene_names)
@@ -419,7 +419,7 @@ def test_missing_genes_and_unknown_batches(trained, tmp_path):
     other.obs["batch"] = other.obs["batch"].cat.rename_categories({"g2": "g3"})
     other.write_h5ad(tmp_path / "other.h5ad")
     with pytest.raises(DataError, match="categories not seen in training: 'g3'"):
-        queries.load_query(model, tmp_path / "other.h5ad")
+        model.load_query(tmp_path / "other.h5ad")
 
 
 def test_output_anndata_drops_zero_count_cells_and_selects_genes(trained, tmp_path):
@@ -431,7 +431,7 @@ def test_output_anndata_drops_zero_count_cells_and_selects_genes(trained, tmp_pa
     adata.layers["counts"] = adata.X.copy()
     adata.write_h5ad(tmp_path / "zero.h5ad")
     with pytest.warns(UserWarning, match="dropped 1 cells"):
-        loaded, query = queries.load_query(model, tmp_path / "zero.h5ad")
+        loaded, query = model.load_query(tmp_path / "zero.h5ad")
     assert query.n_cells == 79 and queries.cells_phrase(query) == "79 cells (1 with zero total counts left out)"
     assert queries.normalized_expression(model.module, query).shape == (79, 230)
     cells = queries.output_anndata(loaded, query)
@@ -440,7 +440,7 @@ def test_output_anndata_drops_zero_count_cells_and_selects_genes(trained, tmp_pa
     both = queries.output_anndata(loaded, query, genes)
     assert both.shape == (79, 2) and list(both.var_names) == genes
     assert (both.layers["counts"] != loaded[np.flatnonzero(query.kept_cells)][:, genes].X).nnz == 0
-    assert queries.output_anndata(adata, queries.load_query(model, PBMC_SMALL)[1]) is adata
+    assert queries.output_anndata(adata, model.load_query(PBMC_SMALL)[1]) is adata
 
 
 def test_argument_parsing(tmp_path):

@@ -56,6 +56,8 @@ def _build(config: dict) -> torch.nn.Module:
     kwargs = {k: (np.asarray(v, dtype=np.float32) if k in ARRAY_KWARGS else v) for k, v in config["kwargs"].items()}
     if config["module"] == "VAEC":
         return VAEC(kwargs.pop("n_input"), kwargs.pop("n_labels"), **kwargs)
+    if config["module"] == "VAE":  # scvi-tools 1.x's default; scvi-cli's VAE keeps 0.6's latent library
+        kwargs.setdefault("use_observed_lib_size", True)
     return {"VAE": VAE, "LDVAE": LDVAE}[config["module"]](**kwargs)
 
 
@@ -78,11 +80,11 @@ def _outputs(name: str) -> dict[str, torch.Tensor]:
             inference = module.inference(x, labels)
             z, library = inference["qz_m"], inference["library"]
             generative = module.generative(z, library, labels, batch_index)
-            loss = module.loss(x, inference, generative, labels, kl_weight=kl_weight)
+            loss = module.loss({"X": x, "labels": labels}, inference, generative, kl_weight=kl_weight)
             out = {}
         else:
             cont_covs, cat_covs = inputs.get("cont_covs"), inputs.get("cat_covs")
-            inference = module.inference(x, batch_index, cont_covs, cat_covs)
+            inference = module.encode(x, batch_index, cont_covs, cat_covs)
             # The sampling-free decoding point: z at the posterior mean (softmax of it for the
             # logistic normal, as scvi-tools' z_transformation), the observed log-library or the
             # posterior mean of the latent log-library.

@@ -47,12 +47,15 @@ SCVI_DEFAULTS = {
     "deeply_inject_covariates": True,
     "use_batch_norm": "both",
     "use_layer_norm": "none",
+    "scale_activation": "softmax",
+    "var_eps": 1e-4,
+    "var_activation": "exp",
 }
 LDVAE_DEFAULTS = {
     "type": "ldvae",
     "n_hidden": 128,
     "n_latent": 10,
-    "n_layers": 1,
+    "n_layers_encoder": 1,
     "dropout_rate": 0.1,
     "dispersion": "gene",
     "gene_likelihood": "nb",
@@ -61,6 +64,8 @@ LDVAE_DEFAULTS = {
     "use_observed_lib_size": False,
     "use_batch_norm": True,
     "bias": False,
+    "var_eps": 1e-4,
+    "var_activation": "exp",
 }
 CONDSCVI_DEFAULTS = {
     "type": "condscvi",
@@ -70,6 +75,7 @@ CONDSCVI_DEFAULTS = {
     "dropout_rate": 0.05,
     "log_variational": True,
     "weight_obs": False,
+    "ct_weight": None,
 }
 DATA_DEFAULTS = {
     "layer": None,

@@ -7,7 +7,6 @@ Commands parse arguments, call library functions and print what was written. Lib
 
 from __future__ import annotations
 
-import os
 import sys
 import traceback
 import warnings
@@ -17,7 +16,8 @@ from typer.exceptions import TyperException
 
 from scvi_cli import __version__
 from scvi_cli.cli import embed, evaluate, impute, info, loadings, sample, train, vamp_prior
-from scvi_cli.errors import ScviCliError
+from scvi_cli.device import set_thread_variables
+from scvi_cli.errors import ScviCliError, first_line
 
 EXIT_INTERRUPTED = 130
 
@@ -75,8 +75,7 @@ def _limit_native_thread_pools(args: list[str]) -> None:
     for i, arg in enumerate(args):
         value = args[i + 1] if arg == "--threads" and i + 1 < len(args) else arg.partition("=")[2] if arg.startswith("--threads=") else None
         if value is not None and value.isdigit() and int(value) >= 1:
-            for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
-                os.environ[variable] = value
+            set_thread_variables(int(value))
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
@@ -120,9 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as error:  # a bug: say so in one line, keep the traceback for --debug
         if debug:
             traceback.print_exc()
-        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
         print(
-            f"scvi-cli: internal error: {type(error).__name__}: {message} (rerun with --debug for the traceback)",
+            f"scvi-cli: internal error: {first_line(error)} (rerun with --debug for the traceback)",
             file=sys.stderr,
         )
         code = 1

@@ -32,7 +32,7 @@ def evaluate(
     from scvi_cli.evaluation import evaluate_model
 
     trained, torch_device = options.load_model(model, device, threads)
-    query = trained.load_query(data, allow_missing_genes=allow_missing_genes)
+    _, query = trained.load_query(data, allow_missing_genes=allow_missing_genes)
     metrics = evaluate_model(
         trained.module, query, n_mc_samples=n_mc_samples, batch_size=batch_size, seed=seed, device=torch_device
     )

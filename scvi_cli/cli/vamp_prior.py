@@ -47,18 +47,11 @@ def vamp_prior(
     trained, torch_device = options.load_model(model, device, threads)
     if trained.model_type != "condscvi":
         raise UsageError(f"{model}: holds a {trained.model_type} model; vamp-prior needs a condscvi model")
-    _, query = queries.load_query(trained, data, allow_missing_genes)
-    blocks: list = []
-    queries.drain(
-        queries.iter_latent_distribution(trained.module, query, batch_size=batch_size, device=torch_device),
-        blocks.append,
-        progress_bar(quiet),
-        queries.n_blocks(query, batch_size),
-        "encoding",
+    _, query = trained.load_query(data, allow_missing_genes)
+    prior = queries.vamp_prior(
+        trained.module, query, p=p, batch_size=batch_size, seed=seed, device=torch_device,
+        source=str(model), reporter=progress_bar(quiet),
     )
-    means = np.concatenate([m for m, _ in blocks], axis=0)
-    variances = np.concatenate([v for _, v in blocks], axis=0)
-    prior = queries.vamp_prior_from_posterior(means, variances, query, p=p, seed=seed)
     with atomic_write(out) as tmp:
         np.savez(tmp, **prior)
     n_labels, n_components, n_latent = prior["mean_vprior"].shape

@@ -11,7 +11,13 @@ import torch
 class LossOutput:
     loss: torch.Tensor  # scalar training objective: mean over cells of recon + kl_weight * KL_z + KL_l
     reconstruction_loss: torch.Tensor  # (B,) negative log-likelihood summed over genes
-    kl_local: torch.Tensor  # (B,) all local KL terms, without the warm-up weight
+    kl_z: torch.Tensor  # (B,) KL(q(z | x) || p(z)), without the warm-up weight
+    kl_l: torch.Tensor  # (B,) KL of the latent library to its prior (zeros when the library is observed)
+
+    @property
+    def kl_local(self) -> torch.Tensor:
+        """(B,) all local KL terms, without the warm-up weight."""
+        return self.kl_z + self.kl_l
 
     @property
     def elbo(self) -> torch.Tensor:

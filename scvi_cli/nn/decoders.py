@@ -69,7 +69,8 @@ class DecoderSCVI(nn.Module):
 
     ``forward(dispersion, z, library, *cat_list)`` returns ``(px_scale, px_r, px_rate, px_dropout)``
     with ``px_rate = exp(library) * px_scale``; ``px_r`` is ``None`` unless dispersion is
-    ``'gene-cell'``. All three heads always exist so the state dict has a fixed shape.
+    ``'gene-cell'``. All three heads always exist so the state dict has a fixed shape. Other
+    keywords go to the stack's FCLayers (e.g. ``dropout_rate``, 0 by default).
     """
 
     def __init__(
@@ -83,20 +84,22 @@ class DecoderSCVI(nn.Module):
         use_batch_norm: bool = False,
         use_layer_norm: bool = False,
         scale_activation: str = "softmax",
+        **fc_kwargs,
     ):
         super().__init__()
         if scale_activation not in ("softmax", "softplus"):
             raise ValueError(f"scale_activation must be 'softmax' or 'softplus', got {scale_activation!r}")
+        fc_kwargs.setdefault("dropout_rate", 0.0)
         self.px_decoder = FCLayers(
             n_in=n_input,
             n_out=n_hidden,
             n_cat_list=n_cat_list,
             n_layers=n_layers,
             n_hidden=n_hidden,
-            dropout_rate=0.0,
             inject_covariates=inject_covariates,
             use_batch_norm=use_batch_norm,
             use_layer_norm=use_layer_norm,
+            **fc_kwargs,
         )
         activation = nn.Softmax(dim=-1) if scale_activation == "softmax" else nn.Softplus()
         self.px_scale_decoder = nn.Sequential(nn.Linear(n_hidden, n_output), activation)
@@ -105,7 +108,7 @@ class DecoderSCVI(nn.Module):
 
     def forward(self, dispersion: str, z: torch.Tensor, library: torch.Tensor, *cat_list: torch.Tensor):
         h = self.px_decoder(z, *cat_list)
-        px_scale = self.px_scale_decoder(h)
+        px_scale = self._scale_layer(h).columns()
         px_dropout = self.px_dropout_decoder(h)
         px_rate = torch.exp(library) * px_scale
         px_r = self.px_r_decoder(h) if dispersion == "gene-cell" else None
@@ -113,7 +116,10 @@ class DecoderSCVI(nn.Module):
 
     def scale_head(self, z: torch.Tensor, *cat_list: torch.Tensor) -> ScaleHead:
         """px_scale's layer for these cells: the hidden layers once, then any rows of its Linear."""
-        h = self.px_decoder(z, *cat_list)
+        return self._scale_layer(self.px_decoder(z, *cat_list))
+
+    def _scale_layer(self, h: torch.Tensor) -> ScaleHead:
+        """The one definition of px_scale from the last hidden layer (forward and queries use it)."""
         linear, activation = self.px_scale_decoder[0], self.px_scale_decoder[1]
         if isinstance(activation, nn.Softmax):
             return ScaleHead(linear.out_features, lambda genes: linear_rows(h, linear, genes))
@@ -153,29 +159,37 @@ class LinearDecoderSCVI(nn.Module):
         self.n_latent = n_input
 
     def forward(self, dispersion: str, z: torch.Tensor, library: torch.Tensor, *cat_list: torch.Tensor):
-        px_scale = torch.softmax(self.factor_regressor(z, *cat_list), dim=-1)
+        px_scale = self.scale_head(z, *cat_list).columns()
         px_dropout = self.px_dropout_decoder(z, *cat_list)
         px_rate = torch.exp(library) * px_scale
         return px_scale, None, px_rate, px_dropout
 
     def scale_head(self, z: torch.Tensor, *cat_list: torch.Tensor) -> ScaleHead:
-        """px_scale's layer for these cells, evaluable on any genes.
+        """The one definition of px_scale's logits ``BN(W u)``, evaluable on any genes.
 
-        In eval mode the Linear and the batch norm act gene by gene, so the rows of W and the
-        batch-norm statistics of the wanted genes are all that is needed. A layer norm (across
-        genes) or training-mode batch norm is not gene-separable: everything is computed, then selected.
+        All genes (what forward asks for), training mode or a layer norm (across genes, so not
+        gene-separable): the regressor itself, once. A subset in eval mode: the batch norm then
+        acts gene by gene with its running statistics, so the rows of W and of those statistics
+        of the wanted genes give the same values without computing the others.
         """
         regressor = self.factor_regressor
         block = regressor.fc_layers[0]
         n_genes = block[LINEAR].out_features
-        if block[LAYER_NORM] is not None or regressor.training:
-            full = regressor(z, *cat_list)
-            return ScaleHead(n_genes, lambda genes: full[..., genes])
+        full: list[torch.Tensor] = []
+
+        def all_logits() -> torch.Tensor:
+            if not full:
+                full.append(regressor(z, *cat_list))
+            return full[0]
+
+        separable = block[LAYER_NORM] is None and not regressor.training
         one_hots = [one_hot(c, n) for n, c in zip(regressor.n_cat_list, cat_list) if n > 1]
         u = torch.cat([z, *[oh.expand(*z.shape[:-1], oh.shape[-1]) for oh in one_hots]], dim=-1) if one_hots else z
         bn = block[BATCH_NORM]
 
         def logits_at(genes: Genes) -> torch.Tensor:
+            if not separable or (isinstance(genes, slice) and genes == slice(0, n_genes)):
+                return all_logits()[..., genes]
             y = linear_rows(u, block[LINEAR], genes)
             if bn is None:
                 return y
