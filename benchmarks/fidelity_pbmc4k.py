@@ -19,10 +19,10 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 
-from scvi_cli.evaluation import evaluate_model
+from scvi_cli.apply.evaluation import evaluate_model
 from scvi_cli.progress import LineReporter
 from scvi_cli.spec import load_spec
-from scvi_cli.train_job import train_from_h5ad
+from scvi_cli.training.job import train_from_h5ad
 from scvi_cli.trained_model import load_trained_model
 
 REFERENCE = {"negative_elbo": 623.4, "reconstruction_nll": 600.5, "seconds_per_epoch": 1.18}

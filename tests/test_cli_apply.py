@@ -13,10 +13,10 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from scvi_cli import queries
+from scvi_cli.apply import queries
 from scvi_cli.spec import load_spec
 from scvi_cli.trained_model import load_trained_model
-from scvi_cli.train_job import train_from_h5ad
+from scvi_cli.training.job import train_from_h5ad
 
 PBMC_SMALL = Path(__file__).parent / "data" / "pbmc_small_seurat.h5ad"
 FAST = ["--threads", "1", "--device", "cpu"]

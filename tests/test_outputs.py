@@ -15,10 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
 
-from scvi_cli import outputs
+from scvi_cli.apply import outputs
 from scvi_cli.atomic import atomic_write, check_writable, temp_name
 from scvi_cli.errors import OutputError, UsageError
-from scvi_cli.outputs import (
+from scvi_cli.apply.outputs import (
     SUPPORTED,
     check_output,
     open_chunked_writer,

@@ -12,14 +12,14 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from scvi_cli import queries
+from scvi_cli.apply import queries
 from scvi_cli.data import iterate_in_order
 from scvi_cli.errors import DataError, UsageError
 from scvi_cli.models import VAE, VAEC
 from scvi_cli.nn import DecoderSCVI
 from scvi_cli.spec import load_spec
 from scvi_cli.trained_model import load_trained_model
-from scvi_cli.train_job import train_from_h5ad
+from scvi_cli.training.job import train_from_h5ad
 
 PBMC_SMALL = Path(__file__).parent / "data" / "pbmc_small_seurat.h5ad"
 

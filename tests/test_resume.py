@@ -13,10 +13,10 @@ import torch
 
 from scvi_cli.checkpoint import load_checkpoint
 from scvi_cli.errors import UsageError
-from scvi_cli.preemption import TrainingStopped
+from scvi_cli.training.preemption import TrainingStopped
 from scvi_cli.progress import SilentReporter
 from scvi_cli.spec import load_spec
-from scvi_cli.train_job import resume_path_for, train_from_h5ad
+from scvi_cli.training.job import resume_path_for, train_from_h5ad
 
 SETTINGS = ["train.max_epochs=5", "train.batch_size=32", "data.batch_key=batch", "train.seed=3"]
 

@@ -40,9 +40,9 @@ def embed(
     """Write the posterior mean of the latent z (or one sample) of every cell."""
     import numpy as np
 
-    from scvi_cli import queries
+    from scvi_cli.apply import queries
     from scvi_cli.errors import UsageError
-    from scvi_cli.outputs import check_output, write_h5ad_with_obsm, write_table
+    from scvi_cli.apply.outputs import check_output, write_h5ad_with_obsm, write_table
     from scvi_cli.progress import progress_bar
 
     fmt = check_output(out, data)

@@ -29,7 +29,7 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Per-cell reconstruction NLL, KL, negative ELBO and marginal log-likelihood on any h5ad."""
-    from scvi_cli.evaluation import evaluate_model
+    from scvi_cli.apply.evaluation import evaluate_model
 
     trained, torch_device = options.load_model(model, device, threads)
     _, query = trained.load_query(data, allow_missing_genes=allow_missing_genes)

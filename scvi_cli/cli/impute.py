@@ -50,8 +50,8 @@ def impute(
     quiet: bool = options.Quiet,
 ) -> None:
     """Write denoised normalized expression (px_scale x library size), deterministic by default."""
-    from scvi_cli import queries
-    from scvi_cli.outputs import check_output, open_chunked_writer, open_h5ad_layer_writer
+    from scvi_cli.apply import queries
+    from scvi_cli.apply.outputs import check_output, open_chunked_writer, open_h5ad_layer_writer
     from scvi_cli.progress import progress_bar
 
     fmt = check_output(out, data)

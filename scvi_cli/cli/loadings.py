@@ -27,9 +27,9 @@ def loadings(
     quiet: bool = options.Quiet,
 ) -> None:
     """Write LDVAE gene loadings (genes x latent factors)."""
-    from scvi_cli import queries
+    from scvi_cli.apply import queries
     from scvi_cli.errors import UsageError
-    from scvi_cli.outputs import check_output, write_table
+    from scvi_cli.apply.outputs import check_output, write_table
     from scvi_cli.trained_model import load_trained_model
 
     check_output(out)

@@ -39,9 +39,9 @@ def sample(
     import numpy as np
     import scipy.sparse as sp
 
-    from scvi_cli import queries
+    from scvi_cli.apply import queries
     from scvi_cli.errors import UsageError
-    from scvi_cli.outputs import check_output, open_chunked_writer, write_h5ad_with_sample_layers
+    from scvi_cli.apply.outputs import check_output, open_chunked_writer, write_h5ad_with_sample_layers
     from scvi_cli.progress import progress_bar
 
     fmt = check_output(out, data)

@@ -51,7 +51,7 @@ def train(
     from scvi_cli.spec import load_spec
 
     spec_obj = load_spec(spec, list(overrides) + ([f"train.seed={seed}"] if seed is not None else []))
-    from scvi_cli.train_job import train_from_h5ad
+    from scvi_cli.training.job import train_from_h5ad
 
     reporter = make_reporter(quiet)
     if log_file is not None:

@@ -35,7 +35,7 @@ def vamp_prior(
     """Write per-label cluster means, variances and weights of CondSCVI's posterior (a VampPrior)."""
     import numpy as np
 
-    from scvi_cli import queries
+    from scvi_cli.apply import queries
     from scvi_cli.atomic import atomic_write, check_writable, refuse_input_as_output
     from scvi_cli.errors import UsageError
     from scvi_cli.progress import progress_bar

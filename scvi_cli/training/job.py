@@ -23,10 +23,10 @@ from scvi_cli.data import CountData, CSRMinibatches, load_count_data, train_vali
 from scvi_cli.device import limit_threads, resolve_device
 from scvi_cli.errors import DataError, UsageError
 from scvi_cli.model_factory import build_model, model_kwargs
-from scvi_cli.preemption import TrainingStopped, stop_on_signals
+from scvi_cli.training.preemption import TrainingStopped, stop_on_signals
 from scvi_cli.progress import SilentReporter
 from scvi_cli.spec import Spec, resolved_max_epochs, resolved_train_size
-from scvi_cli.train import TrainingState, TrainSettings, fit
+from scvi_cli.training.loop import TrainingState, TrainSettings, fit
 
 
 @dataclass

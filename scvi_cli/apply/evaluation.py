@@ -7,7 +7,7 @@ import math
 import torch
 
 from scvi_cli.data import CountData, iterate_in_order
-from scvi_cli.train import evaluate_elbo
+from scvi_cli.training.loop import evaluate_elbo
 
 # Importance samples are drawn in chunks so memory stays at chunk x batch x genes floats.
 _MC_CHUNK = 25
