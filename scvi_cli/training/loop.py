@@ -97,24 +97,35 @@ def make_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.opt
 
 
 class _MetricSums:
-    """Per-cell sums of the loss terms, turned into per-cell averages at the end of an epoch."""
+    """Per-cell sums of the loss terms, turned into per-cell averages at the end of an epoch.
+
+    The sums stay a tensor on the model's device (float64, as Python floats would be) until they
+    are read, so a training step never waits for the device to report a number.
+    """
 
     def __init__(self, saved: dict[str, float] | None = None):
         saved = dict(saved or {})
         self.n_cells = int(saved.pop("n_cells", 0))
-        self.sums = {name: float(saved.get(name, 0.0)) for name in METRICS}
-
-    def to_dict(self) -> dict[str, float]:
-        return {**self.sums, "n_cells": self.n_cells}
+        self._saved = [float(saved.get(name, 0.0)) for name in METRICS]
+        self._sums: torch.Tensor | None = None
 
     def add(self, out: LossOutput) -> None:
-        self.sums["reconstruction_loss"] += out.reconstruction_loss.detach().sum().item()
-        self.sums["kl_local"] += out.kl_local.detach().sum().item()
-        self.sums["elbo"] += out.elbo.detach().sum().item()
+        terms = torch.stack([out.reconstruction_loss.detach().sum(), out.kl_local.detach().sum(), out.elbo.detach().sum()])
+        if self._sums is None:
+            dtype = torch.float32 if terms.device.type == "mps" else torch.float64
+            self._sums = torch.tensor(self._saved, dtype=dtype, device=terms.device)
+        self._sums += terms.to(self._sums.dtype)
         self.n_cells += out.reconstruction_loss.shape[0]
 
+    def totals(self) -> dict[str, float]:
+        values = self._saved if self._sums is None else self._sums.tolist()
+        return dict(zip(METRICS, values))
+
+    def to_dict(self) -> dict[str, float]:
+        return {**self.totals(), "n_cells": self.n_cells}
+
     def averages(self) -> dict[str, float]:
-        return {name: total / max(self.n_cells, 1) for name, total in self.sums.items()}
+        return {name: total / max(self.n_cells, 1) for name, total in self.totals().items()}
 
 
 @torch.no_grad()
