@@ -288,7 +288,7 @@ class VAEBase(nn.Module):
         ``library_prior``: per-cell (mean, variance) of the latent log-library's prior; default the
         stored per-batch prior of each cell's batch.
         """
-        reconstruction_loss = -generative_outputs["px"].log_prob(x).sum(dim=-1)
+        reconstruction_loss = generative_outputs["px"].nll_per_cell(x)  # the fused -log_prob(x).sum(-1)
         kl_z = gaussian_kl_to_standard(inference_outputs["qz_m"], inference_outputs["qz_v"]).sum(dim=-1)
         if self.use_observed_lib_size:
             kl_l = torch.zeros_like(kl_z)

@@ -131,7 +131,7 @@ class VAEC(nn.Module):
         """mean over cells of ct_weight[y] * (reconstruction NLL + kl_weight * KL_z); ``tensors``
         holds "X" and "labels" as scvi-tools' registry keys them."""
         x, labels = tensors["X"], tensors["labels"]
-        reconstruction_loss = -generative_outputs["px"].log_prob(x).sum(dim=-1)
+        reconstruction_loss = generative_outputs["px"].nll_per_cell(x)  # the fused -log_prob(x).sum(-1)
         kl_z = gaussian_kl_to_standard(inference_outputs["qz_m"], inference_outputs["qz_v"]).sum(dim=-1)
         cell_weight = self.ct_weight[labels.reshape(-1).long()]
         loss = torch.mean(cell_weight * (reconstruction_loss + kl_weight * kl_z))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 EPS = 1e-8
 
@@ -60,6 +61,249 @@ def log_poisson(x: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
     return torch.xlogy(x, mu) - mu - torch.lgamma(x + 1)
 
 
+# --------------------------------------------------------------------------------------------
+# Fused NB / ZINB negative log-likelihood for training
+# --------------------------------------------------------------------------------------------
+#
+# Notation (elementwise, broadcast shape ``(..., G)``), with ``te = theta + eps``:
+#   u  = mu / te,  l1 = log1p(u) = log(theta + mu + eps) - log(theta + eps)   (exact identity),
+#   q  = 1 / (1 + u) = te / (theta + mu + eps),  s = theta / te.
+# The reference formulas then read
+#   NB:   ll = -theta * l1 + x * (log(mu + eps) - log(te) - l1) + lg(x, theta)
+#   ZINB: with b = pi + theta * l1 (= -a of the reference): x == 0: softplus(-b) - softplus(-pi);
+#         x > 0: ll_NB - softplus(-pi) - pi.
+# Summing over genes, ``softplus(-b) - softplus(-pi) = softplus(b) - softplus(pi) - theta * l1``
+# on every entry, and a nonzero entry adds ``-softplus(b) + x * (...) + lg``, so the dense part is
+# a handful of elementwise passes plus row sums, and everything that depends on x (the log mu
+# term, the lgammas, the digammas of the backward) runs on the nonzero counts only.
+# Derivatives of ll (w = sigmoid(-b) at zeros, w = 1 at nonzero counts; w = 1 everywhere for NB):
+#   d/dmu     = -w * s * q + [x > 0] * x * (1 / (mu + eps) - q / te)
+#   d/dlog_mu = -w * theta * (1 - q) + [x > 0] * x * q          (log_mu path, see below)
+#   d/dtheta  = -w * (l1 - s * (1 - q)) + [x > 0] * (dg(x, theta) - x * q / te)
+#   d/dpi     = sigmoid(b) - sigmoid(pi)   at zeros,   -sigmoid(pi)   at nonzero counts,
+# with dg = digamma(x + theta) - digamma(theta). The forward multiplies these out (negated, as
+# the function returns the NLL) and saves only them; the backward scales them by the incoming
+# per-cell gradient and reduces them to the parameters' shapes.
+
+
+def _flat_source(t: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, int]:
+    """A flat tensor ``f`` and modulus ``m`` with ``t.expand(shape).reshape(-1)[i] == f[i % m]``.
+
+    Exact without copying for t whose shape (less leading 1s) is a suffix of ``shape``: theta (G,)
+    against (B, G), x (B, G) against Monte Carlo (S, B, G); anything else is materialised once.
+    """
+    lead = 0
+    while lead < t.dim() and t.shape[lead] == 1:
+        lead += 1
+    core = t.reshape(t.shape[lead:])
+    if tuple(core.shape) == tuple(shape[len(shape) - core.dim():]):
+        return core.contiguous().view(-1), max(core.numel(), 1)
+    full = t.expand(shape).contiguous().view(-1)
+    return full, full.numel()
+
+
+def _row_dot(dense: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """sum over the last axis of ``dense * weight``; a matrix-vector product for a (G,) weight."""
+    if weight.dim() == 1:
+        return dense @ weight
+    return (dense * weight).sum(-1)
+
+
+def _dense_terms(loc, theta, inv_te, pi_logits, idx, loc_is_log, need_loc, need_theta, need_pi):
+    """Dense part of the NLL's log p summed over genes, and the dense parts of the local derivatives.
+
+    ``log p`` rows: ``sum_g -theta l1 [+ softplus(b) - softplus(pi)]``; the derivatives use w = 1 at
+    the flat indices ``idx`` (nonzero counts). Hand-scheduled: in-place where possible, since every
+    fresh B x G buffer costs page faults on top of its pass.
+    """
+    zinb = pi_logits is not None
+    u = loc.exp().mul_(inv_te) if loc_is_log else loc * inv_te  # mu / (theta + eps)
+    l1 = torch.log1p(u)  # log(theta + mu + eps) - log(theta + eps)
+    ll_rows = -_row_dot(l1, theta)
+    if zinb:
+        b = torch.addcmul(pi_logits, l1, theta)  # -a of the reference formula
+        ll_rows += F.softplus(b).sum(-1)
+        ll_rows -= F.softplus(pi_logits).expand(loc.shape).sum(-1)
+    if not (need_loc or need_theta or need_pi):
+        return ll_rows, None, None, None
+
+    one_minus_q = u.div_(u + 1)  # mu / (theta + mu + eps); u is consumed
+    s = theta * inv_te
+    sig_b = d_pi = d_theta = d_loc = None
+    if zinb:
+        sig_b = b.sigmoid_()  # 1 - w at zeros (b is consumed) ...
+        sig_b.view(-1).index_fill_(0, idx, 0.0)  # ... and w = 1 at nonzero counts
+        if need_pi:
+            sig_pi = torch.sigmoid(pi_logits)
+            d_pi = sig_pi.sub_(sig_b) if sig_pi.shape == loc.shape else sig_pi - sig_b
+    if need_theta:
+        d_theta = l1.addcmul_(one_minus_q, s, value=-1)  # l1 - s (1 - q); l1 is consumed
+        if zinb:
+            d_theta.addcmul_(sig_b, d_theta, value=-1)  # times w
+    if need_loc:
+        # log_mu: theta (1 - q); mu: s q
+        d_loc = one_minus_q.mul_(theta) if loc_is_log else torch.addcmul(s, s, one_minus_q, value=-1)
+        if zinb:
+            d_loc.addcmul_(sig_b, d_loc, value=-1)  # times w
+    return ll_rows, d_loc, d_theta, d_pi
+
+
+def _fused_nb_forward(
+    x: torch.Tensor,
+    loc: torch.Tensor,
+    theta: torch.Tensor,
+    pi_logits: torch.Tensor | None,
+    loc_is_log: bool,
+    need_loc: bool,
+    need_theta: bool,
+    need_pi: bool,
+    eps: float = EPS,
+):
+    """Per-row NLL (shape ``shape[:-1]``) and the local derivatives to save (None where not needed)."""
+    zinb = pi_logits is not None
+    shape = torch.broadcast_shapes(x.shape, loc.shape, theta.shape, *((pi_logits.shape,) if zinb else ()))
+    loc = loc.expand(shape).contiguous()  # no copy in the usual case (loc already has the full shape)
+    numel, n_genes = loc.numel(), shape[-1]
+    need_pi = need_pi and zinb
+
+    # ---- nonzero counts: one pass over x; everything x-dependent runs on these entries only ----
+    x_src, x_mod = _flat_source(x, shape)
+    nz = x_src.nonzero().squeeze(1)  # flat indices into x's own (suffix) shape
+    x_nz = x_src[nz]
+    if x_mod == numel:
+        idx = nz
+    else:  # x broadcast over leading (e.g. Monte Carlo) axes: the same nonzeros in every block
+        idx = (torch.arange(0, numel, x_mod, device=nz.device)[:, None] + nz).reshape(-1)
+        x_nz = x_nz.repeat(numel // x_mod)
+    rows = idx // n_genes
+
+    theta_src, theta_mod = _flat_source(theta, shape)
+    theta_idx = idx if theta_mod == numel else idx % theta_mod
+    if theta_src.numel() <= idx.numel():  # e.g. theta (G,): transform once per gene, gather once
+        columns = [theta_src, torch.log(theta_src + eps), torch.lgamma(theta_src), torch.reciprocal(theta_src + eps)]
+        if need_theta:
+            columns.append(torch.digamma(theta_src))
+        table = torch.stack(columns).index_select(1, theta_idx)
+        theta_nz, log_te_nz, lgamma_theta_nz, inv_te_nz = table[0], table[1], table[2], table[3]
+        digamma_theta_nz = table[4] if need_theta else None
+    else:  # few nonzero counts against a per-cell theta: transform the gathered values
+        theta_nz = theta_src[theta_idx]
+        log_te_nz = torch.log(theta_nz + eps)
+        lgamma_theta_nz = torch.lgamma(theta_nz)
+        inv_te_nz = torch.reciprocal(theta_nz + eps)
+        digamma_theta_nz = torch.digamma(theta_nz) if need_theta else None
+
+    # ---- nonzero part of log p: x (log mu - log(theta + mu + eps)) + lgammas [- softplus(b)] ----
+    loc_nz = loc.view(-1)[idx]
+    if loc_is_log:
+        log_mu_nz = loc_nz
+        u_nz = loc_nz.exp() * inv_te_nz
+    else:
+        log_mu_nz = torch.log(loc_nz + eps)
+        u_nz = loc_nz * inv_te_nz
+    l1_nz = torch.log1p(u_nz)
+    values = x_nz * (log_mu_nz - log_te_nz - l1_nz)
+    values += torch.lgamma(x_nz + theta_nz)
+    values -= lgamma_theta_nz
+    values -= torch.lgamma(x_nz + 1)
+    if zinb:
+        pi_src, pi_mod = _flat_source(pi_logits, shape)
+        b_nz = torch.addcmul(pi_src[idx if pi_mod == numel else idx % pi_mod], theta_nz, l1_nz)
+        values -= F.softplus(b_nz)
+
+    # ---- dense part ----
+    ll, d_loc, d_theta, d_pi = _dense_terms(
+        loc, theta, torch.reciprocal(theta + eps), pi_logits, idx, loc_is_log, need_loc, need_theta, need_pi
+    )
+    nll = ll.reshape(-1).index_add(0, rows, values).view(shape[:-1]).neg_()
+
+    # ---- nonzero parts of the local derivatives of the NLL ----
+    q_nz = torch.reciprocal(u_nz + 1)
+    if d_theta is not None:
+        digamma_diff = torch.digamma(x_nz + theta_nz) - digamma_theta_nz
+        d_theta.view(-1).index_add_(0, idx, x_nz * q_nz * inv_te_nz - digamma_diff)
+    if d_loc is not None:
+        if loc_is_log:
+            correction = -x_nz * q_nz
+        else:
+            correction = x_nz * (q_nz * inv_te_nz - torch.reciprocal(loc_nz + eps))
+        d_loc.view(-1).index_add_(0, idx, correction)
+    return nll, d_loc, d_theta, d_pi
+
+
+def _reduce_grad(local: torch.Tensor, g: torch.Tensor, target_shape: torch.Size) -> torch.Tensor:
+    """sum of ``local * g[..., None]`` down to ``target_shape`` (a row-vector product for (G,))."""
+    if len(target_shape) == 1 and local.dim() >= 2 and target_shape[0] == local.shape[-1]:
+        return g.reshape(1, -1).mm(local.reshape(-1, local.shape[-1])).view(target_shape)
+    return (local * g.unsqueeze(-1)).sum_to_size(target_shape)
+
+
+class _FusedNBNLL(torch.autograd.Function):
+    """Autograd node of :func:`fused_nb_nll`; the backward is analytic (first order only)."""
+
+    @staticmethod
+    def forward(ctx, x, loc, theta, pi_logits, loc_is_log):
+        _, need_loc, need_theta, need_pi, _ = ctx.needs_input_grad
+        nll, d_loc, d_theta, d_pi = _fused_nb_forward(
+            x, loc, theta, pi_logits, loc_is_log, need_loc, need_theta, need_pi
+        )
+        ctx.save_for_backward(d_loc, d_theta, d_pi)
+        ctx.shapes = (loc.shape, theta.shape, None if pi_logits is None else pi_logits.shape)
+        return nll
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_nll):
+        d_loc, d_theta, d_pi = ctx.saved_tensors
+        loc_shape, theta_shape, pi_shape = ctx.shapes
+        grads = [None, None, None, None, None]
+        for slot, local, target in ((1, d_loc, loc_shape), (2, d_theta, theta_shape), (3, d_pi, pi_shape)):
+            if local is not None and ctx.needs_input_grad[slot]:
+                grads[slot] = _reduce_grad(local, grad_nll, target)
+        return tuple(grads)
+
+
+def fused_nb_nll(
+    x: torch.Tensor,
+    mu: torch.Tensor | None,
+    theta: torch.Tensor,
+    pi_logits: torch.Tensor | None = None,
+    *,
+    log_mu: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Negative log-likelihood of counts ``x`` summed over the last (gene) axis: shape ``(...,)``.
+
+    NB(mu, theta) when ``pi_logits`` is None, else the ZINB mixture with zero-inflation logits
+    ``pi_logits``. Values equal ``-log_nb_positive(x, mu, theta).sum(-1)`` /
+    ``-log_zinb_positive(x, mu, theta, pi_logits).sum(-1)`` (the eps = 1e-8 reference formulas) up
+    to rounding, but the forward takes a few elementwise passes, evaluates lgamma (and the
+    backward's digamma) on nonzero counts only, and the hand-written backward saves one tensor per
+    differentiable input (its local derivative) instead of autograd's chain of intermediates.
+
+    Give exactly one of ``mu`` and ``log_mu`` (shape ``(..., G)``, e.g. a Monte Carlo ``(S, B, G)``).
+    With ``log_mu`` the gradient goes to ``log_mu`` and the value is the reference formula at
+    ``mu = exp(log_mu)`` with its ``log(mu + eps)`` replaced by ``log_mu`` (``theta + mu + eps``
+    keeps its eps), i.e. ``nll(log_mu) = nll_eps(exp(log_mu)) + sum_g x * log1p(eps / mu)``: the
+    two agree exactly where ``x == 0`` and differ by at most ``x * eps / mu`` elsewhere (< 1e-4 x for
+    mu >= 1e-4). It is the better-conditioned form: ``log_mu = log_softmax + log library`` needs no
+    exp/log round trip and, unlike ``log(mu + eps)``, keeps a gradient ``x - ...`` for mu << eps.
+
+    ``theta`` broadcasts against mu: (G,) (per gene) or the full shape; its gradient is reduced to
+    its own shape. ``pi_logits`` (ZINB) and ``x`` broadcast likewise; ``x`` gets no gradient, and an
+    entry counts as a zero where ``x == 0``. Double backward is not supported.
+    """
+    if (mu is None) == (log_mu is None):
+        raise ValueError("give exactly one of mu and log_mu")
+    loc_is_log = log_mu is not None
+    loc = log_mu if loc_is_log else mu
+    if not x.is_floating_point():
+        x = x.to(loc.dtype)
+    inputs = (loc, theta) if pi_logits is None else (loc, theta, pi_logits)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        return _FusedNBNLL.apply(x.detach(), loc, theta, pi_logits, loc_is_log)
+    return _fused_nb_forward(x, loc, theta, pi_logits, loc_is_log, False, False, False)[0]
+
+
 def _sample_gamma_poisson(mu: torch.Tensor, theta: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """NB draws as a Gamma(shape theta, rate theta / mu) mixture of Poissons."""
     gamma = torch._standard_gamma(theta.expand_as(mu).contiguous(), generator=generator) * (mu / theta)
@@ -79,16 +323,26 @@ class Poisson:
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         return log_poisson(x, self.mu)
 
+    def nll_per_cell(self, x: torch.Tensor) -> torch.Tensor:
+        """``-log_prob(x).sum(-1)`` (plain formula), the training reconstruction loss."""
+        return -log_poisson(x, self.mu).sum(-1)
+
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         return torch.poisson(self.mu, generator=generator)
 
 
 class NegativeBinomial:
-    """NB with mean ``mu`` and inverse dispersion ``theta`` (broadcastable to mu)."""
+    """NB with mean ``mu`` and inverse dispersion ``theta`` (broadcastable to mu).
 
-    def __init__(self, mu: torch.Tensor, theta: torch.Tensor):
+    ``log_prob`` is the plain reference formula (queries, evaluation); ``nll_per_cell`` is the
+    fused training loss (:func:`fused_nb_nll`). ``log_mu``, if given, must be ``log(mu)`` (e.g.
+    ``log_softmax + log library``); ``nll_per_cell`` then differentiates through it instead of mu.
+    """
+
+    def __init__(self, mu: torch.Tensor, theta: torch.Tensor, log_mu: torch.Tensor | None = None):
         self.mu = mu
         self.theta = theta
+        self.log_mu = log_mu
 
     @property
     def mean(self) -> torch.Tensor:
@@ -101,6 +355,12 @@ class NegativeBinomial:
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         return log_nb_positive(x, self.mu, self.theta)
 
+    def nll_per_cell(self, x: torch.Tensor) -> torch.Tensor:
+        """``-log_prob(x).sum(-1)`` through the fused forward / analytic backward (see fused_nb_nll)."""
+        if self.log_mu is not None:
+            return fused_nb_nll(x, None, self.theta, log_mu=self.log_mu)
+        return fused_nb_nll(x, self.mu, self.theta)
+
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         return _sample_gamma_poisson(self.mu, self.theta, generator)
 
@@ -108,8 +368,10 @@ class NegativeBinomial:
 class ZeroInflatedNegativeBinomial(NegativeBinomial):
     """NB whose draws are replaced by 0 with probability ``sigmoid(zi_logits)``."""
 
-    def __init__(self, mu: torch.Tensor, theta: torch.Tensor, zi_logits: torch.Tensor):
-        super().__init__(mu, theta)
+    def __init__(
+        self, mu: torch.Tensor, theta: torch.Tensor, zi_logits: torch.Tensor, log_mu: torch.Tensor | None = None
+    ):
+        super().__init__(mu, theta, log_mu)
         self.zi_logits = zi_logits
 
     @property
@@ -123,6 +385,12 @@ class ZeroInflatedNegativeBinomial(NegativeBinomial):
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         return log_zinb_positive(x, self.mu, self.theta, self.zi_logits)
+
+    def nll_per_cell(self, x: torch.Tensor) -> torch.Tensor:
+        """``-log_prob(x).sum(-1)`` through the fused forward / analytic backward (see fused_nb_nll)."""
+        if self.log_mu is not None:
+            return fused_nb_nll(x, None, self.theta, self.zi_logits, log_mu=self.log_mu)
+        return fused_nb_nll(x, self.mu, self.theta, self.zi_logits)
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         counts = _sample_gamma_poisson(self.mu, self.theta, generator)
