@@ -57,7 +57,8 @@ def main() -> None:
                              reporter=LineReporter(every=10))
     seconds = time.perf_counter() - started
     trained = load_trained_model(result.checkpoint_path)
-    metrics = evaluate_model(trained.module, trained.load_query(test_path), n_mc_samples=0)
+    _, held_out = trained.load_query(test_path)
+    metrics = evaluate_model(trained.module, held_out, n_mc_samples=0)
     report = {
         "held_out_cells": metrics["n_cells"],
         "negative_elbo": round(metrics["negative_elbo"], 2),

@@ -3,6 +3,10 @@
 ``mu`` is the mean, ``theta`` the inverse dispersion (NB variance ``mu + mu^2 / theta``),
 ``pi_logits`` the zero-inflation logits. The log-probabilities follow the reference formulas
 (eps = 1e-8 inside the logs) and are written to stay finite for tiny or huge theta and mu.
+
+``log_prob`` of the distribution classes is that plain formula (queries, evaluation); their
+``nll_per_cell`` is the training loss ``-log_prob(x).sum(-1)`` through :func:`fused_nb_nll`, a fused
+forward with an analytic backward.
 """
 
 from __future__ import annotations
@@ -356,7 +360,8 @@ class NegativeBinomial:
         return log_nb_positive(x, self.mu, self.theta)
 
     def nll_per_cell(self, x: torch.Tensor) -> torch.Tensor:
-        """``-log_prob(x).sum(-1)`` through the fused forward / analytic backward (see fused_nb_nll)."""
+        """``-log_prob(x).sum(-1)`` through the fused forward / analytic backward of fused_nb_nll
+        (with ``log_mu`` set: its log_mu form, which differs by ``sum_g x log1p(eps / mu)``)."""
         if self.log_mu is not None:
             return fused_nb_nll(x, None, self.theta, log_mu=self.log_mu)
         return fused_nb_nll(x, self.mu, self.theta)
@@ -387,7 +392,8 @@ class ZeroInflatedNegativeBinomial(NegativeBinomial):
         return log_zinb_positive(x, self.mu, self.theta, self.zi_logits)
 
     def nll_per_cell(self, x: torch.Tensor) -> torch.Tensor:
-        """``-log_prob(x).sum(-1)`` through the fused forward / analytic backward (see fused_nb_nll)."""
+        """``-log_prob(x).sum(-1)`` through the fused forward / analytic backward of fused_nb_nll
+        (with ``log_mu`` set: its log_mu form, which differs by ``sum_g x log1p(eps / mu)``)."""
         if self.log_mu is not None:
             return fused_nb_nll(x, None, self.theta, self.zi_logits, log_mu=self.log_mu)
         return fused_nb_nll(x, self.mu, self.theta, self.zi_logits)
