@@ -24,6 +24,7 @@ import torch
 
 from scvi_cli.errors import DataError, SpecError, first_line
 from scvi_cli.minibatch import Minibatch, MinibatchSource  # noqa: F401  (MinibatchSource: CSRMinibatches implements it)
+from scvi_cli.nn.sparse_input import SparseRows
 
 # The single category every cell falls into when no obs key is given (batch, labels). It is "0"
 # because that is what scvi-tools records for a model set up without the key (its mapping is
@@ -611,8 +612,15 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
+LAYOUTS = ("dense", "sparse")
+
+
 class CSRMinibatches:
-    """Minibatches of `indices` (rows of data.X); only the B selected rows are made dense."""
+    """Minibatches of `indices` (rows of data.X): only the B selected rows are gathered.
+
+    ``layout`` says how the counts come: ``dense`` (x, a (B, G) tensor) or ``sparse`` (rows, CSR;
+    x is densified only if a step reads it).
+    """
 
     def __init__(
         self,
@@ -622,9 +630,12 @@ class CSRMinibatches:
         shuffle: bool,
         seed: int = 0,
         drop_last: bool = False,
+        layout: str = "dense",
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
         self.indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         if self.indices.size and (self.indices.min() < 0 or self.indices.max() >= data.n_cells):
             raise ValueError(f"indices must lie in [0, {data.n_cells})")
@@ -632,6 +643,7 @@ class CSRMinibatches:
         self.shuffle = shuffle
         self.seed = int(seed)
         self.drop_last = drop_last
+        self.layout = layout
         self.epoch = 0
         X = data.X if data.X.dtype == np.float32 else data.X.astype(np.float32)
         # The compiled kernels want one index dtype for indptr and indices.
@@ -666,72 +678,99 @@ class CSRMinibatches:
 
     def _minibatch(self, rows: np.ndarray) -> Minibatch:
         t = torch.from_numpy(rows)
+        sub = _row_subset(self._indptr, self._indices, self._data, rows)
+        x = csr_rows = None
+        if self.layout == "dense":
+            x = torch.from_numpy(_densify(*sub, self._n_genes))
+        else:
+            csr_rows = SparseRows(*(torch.from_numpy(a) for a in sub), self._n_genes, check=False)
         return Minibatch(
-            x=torch.from_numpy(self._dense_rows(rows)),
+            x=x,
             batch_index=self._batch[t],
             labels=self._labels[t],
             cat_covs=None if self._cat is None else self._cat[t],
             cont_covs=None if self._cont is None else self._cont[t],
+            rows=csr_rows,
         )
 
-    def _dense_rows(self, rows: np.ndarray) -> np.ndarray:
-        return _gather_rows(self._indptr, self._indices, self._data, self._n_genes, rows)
 
-
-def _gather_rows_numpy(indptr, indices, data, n_genes: int, rows: np.ndarray) -> np.ndarray:
-    """(B, G) float32 rows gathered from indptr/indices/data with vectorised numpy: one
-    scatter, no intermediate sparse matrix."""
+def _row_subset_numpy(indptr, indices, data, rows: np.ndarray):
+    """(sub_indptr, sub_indices, sub_data): the CSR arrays of X[rows], by vectorised numpy."""
     starts = indptr[rows].astype(np.int64)
-    lengths = indptr[rows + 1] - starts
-    out = np.zeros((rows.size, n_genes), dtype=np.float32)
-    total = int(lengths.sum())
-    if total:
-        # src[p] = position in .data of the p-th gathered entry: its row's start plus a running offset
-        ends = np.cumsum(lengths)
-        src = np.arange(total, dtype=np.int64) + np.repeat(starts - (ends - lengths), lengths)
-        flat = np.repeat(np.arange(rows.size, dtype=np.int64) * n_genes, lengths)
-        flat += indices[src]
-        out.reshape(-1)[flat] = data[src]
-    return out
+    lengths = (indptr[rows + 1] - starts).astype(np.int64)
+    sub_indptr = np.zeros(rows.size + 1, dtype=np.int64)
+    np.cumsum(lengths, out=sub_indptr[1:])
+    total = int(sub_indptr[-1])
+    # src[p] = position in .data of the p-th gathered entry: its row's start plus a running offset
+    src = np.arange(total, dtype=np.int64) + np.repeat(starts - sub_indptr[:-1], lengths)
+    return sub_indptr, indices[src].astype(np.int64), data[src]
 
 
-def _gather_rows_sparsetools(indptr, indices, data, n_genes: int, rows: np.ndarray) -> np.ndarray:
-    """The same gather with scipy's compiled CSR kernels (row selection, then densify), called
-    directly: about 2-3x faster than the numpy version and than X[rows].toarray(), whose
-    cost at B=128 is mostly Python-level index checking."""
+def _row_subset_sparsetools(indptr, indices, data, rows: np.ndarray):
+    """The same with scipy's compiled csr_row_index kernel, called directly: X[rows] through the
+    public API costs mostly Python-level index checking at B=128."""
     from scipy.sparse import _sparsetools
 
     rows = rows.astype(indptr.dtype, copy=False)
-    sub_indptr = np.empty(rows.size + 1, dtype=indptr.dtype)
+    sub_indptr = np.empty(rows.size + 1, dtype=np.int64)
     sub_indptr[0] = 0
     np.cumsum(indptr[rows + 1] - indptr[rows], out=sub_indptr[1:])
     nnz = int(sub_indptr[-1])
     sub_indices = np.empty(nnz, dtype=indices.dtype)
     sub_data = np.empty(nnz, dtype=data.dtype)
     _sparsetools.csr_row_index(rows.size, rows, indptr, indices, data, sub_indices, sub_data)
-    out = np.zeros((rows.size, n_genes), dtype=np.float32)
-    _sparsetools.csr_todense(rows.size, n_genes, sub_indptr, sub_indices, sub_data, out)
+    return sub_indptr, sub_indices.astype(np.int64, copy=False), sub_data
+
+
+def _densify_numpy(sub_indptr, sub_indices, sub_data, n_genes: int) -> np.ndarray:
+    """(B, G) float32 from CSR arrays with one numpy scatter (duplicate entries summed, as scipy does)."""
+    n = sub_indptr.size - 1
+    out = np.zeros((n, n_genes), dtype=np.float32)
+    flat = np.repeat(np.arange(n, dtype=np.int64) * n_genes, np.diff(sub_indptr)) + sub_indices
+    np.add.at(out.reshape(-1), flat, sub_data)
     return out
 
 
-def _pick_gather():
+def _densify_sparsetools(sub_indptr, sub_indices, sub_data, n_genes: int) -> np.ndarray:
+    """The same with scipy's compiled csr_todense (which sums duplicates, as scipy does)."""
+    from scipy.sparse import _sparsetools
+
+    n = sub_indptr.size - 1
+    out = np.zeros((n, n_genes), dtype=np.float32)
+    _sparsetools.csr_todense(n, n_genes, sub_indptr, sub_indices, sub_data, out)
+    return out
+
+
+def _gather_rows_numpy(indptr, indices, data, n_genes: int, rows: np.ndarray) -> np.ndarray:
+    """(B, G) float32 rows of X with numpy only."""
+    return _densify_numpy(*_row_subset_numpy(indptr, indices, data, rows), n_genes)
+
+
+def _gather_rows_sparsetools(indptr, indices, data, n_genes: int, rows: np.ndarray) -> np.ndarray:
+    """(B, G) float32 rows of X with scipy's compiled kernels: about 2-3x faster than numpy
+    and than X[rows].toarray()."""
+    return _densify_sparsetools(*_row_subset_sparsetools(indptr, indices, data, rows), n_genes)
+
+
+def _pick_kernels():
     """scipy's private kernels when they behave as expected on a probe, else numpy."""
     probe = sp.random(7, 5, density=0.5, format="csr", dtype=np.float32, random_state=0)
     rows = np.array([3, 0, 3, 6], dtype=np.int64)
-    args = (probe.indptr, probe.indices, probe.data, 5, rows)
     try:
-        if np.array_equal(_gather_rows_sparsetools(*args), probe[rows].toarray()):
-            return _gather_rows_sparsetools
+        if np.array_equal(_gather_rows_sparsetools(probe.indptr, probe.indices, probe.data, 5, rows), probe[rows].toarray()):
+            return _row_subset_sparsetools, _densify_sparsetools, _gather_rows_sparsetools
     except Exception:  # a scipy without these kernels or with other signatures: use numpy
         pass
-    return _gather_rows_numpy
+    return _row_subset_numpy, _densify_numpy, _gather_rows_numpy
 
 
-_gather_rows = _pick_gather()
+_row_subset, _densify, _gather_rows = _pick_kernels()
 
 
-def iterate_in_order(data: CountData, batch_size: int, indices: np.ndarray | None = None) -> CSRMinibatches:
+def iterate_in_order(
+    data: CountData, batch_size: int, indices: np.ndarray | None = None, layout: str = "dense"
+) -> CSRMinibatches:
     """All cells (or `indices`) in their order, for inference: no shuffle, nothing dropped."""
     if indices is None:
         indices = np.arange(data.n_cells, dtype=np.int64)
-    return CSRMinibatches(data, indices, batch_size, shuffle=False)
+    return CSRMinibatches(data, indices, batch_size, shuffle=False, layout=layout)

@@ -245,3 +245,62 @@ def test_distribution_nll_per_cell_matches_log_prob():
     torch.testing.assert_close(zinb.nll_per_cell(x), plain_nll_log_mu(x, mu.log(), theta, pi))
     torch.testing.assert_close(NegativeBinomial(mu, theta).log_prob(x), log_nb_positive(x, mu, theta))
     torch.testing.assert_close(Poisson(mu).log_prob(x), log_poisson(x, mu))
+
+
+# ---------------------------------------------------------------- counts as CSR rows
+
+
+def _rows_with_stored_zeros(x):
+    """x's CSR rows, plus a few explicitly stored zeros (which must count as zeros)."""
+    from scvi_cli.nn.sparse_input import SparseRows
+
+    rows = SparseRows.from_dense(x)
+    zeros_at = (x[:, :3] == 0).nonzero()
+    indptr, indices, values = rows.indptr.tolist(), rows.indices.tolist(), rows.values.tolist()
+    extra = {}
+    for r, c in zeros_at.tolist():
+        extra.setdefault(r, []).append(c)
+    new_ptr, new_ind, new_val = [0], [], []
+    for r in range(x.shape[0]):
+        cols = indices[indptr[r] : indptr[r + 1]] + extra.get(r, [])
+        vals = values[indptr[r] : indptr[r + 1]] + [0.0] * len(extra.get(r, []))
+        new_ind += cols
+        new_val += vals
+        new_ptr.append(len(new_ind))
+    out = SparseRows(torch.tensor(new_ptr), torch.tensor(new_ind), torch.tensor(new_val, dtype=x.dtype), x.shape[1])
+    assert out.nnz > rows.nnz and torch.equal(out.to_dense(), x)
+    return out
+
+
+@pytest.mark.parametrize("zinb", [False, True])
+@pytest.mark.parametrize("log", [False, True])
+def test_csr_counts_equal_dense_counts(zinb, log):
+    x, mu, theta, pi = realistic(cells=64, genes=300, seed=4, dtype=torch.float64)
+    rows = _rows_with_stored_zeros(x)
+    loc = mu.log() if log else mu
+    pi = pi if zinb else None
+    dense = value_and_grads(lambda _, *a: fused(x, *a, log=log), None, loc, theta, pi)
+    sparse = value_and_grads(lambda _, *a: fused(rows, *a, log=log), None, loc, theta, pi)
+    want = value_and_grads(lambda _, *a: (plain_nll_log_mu if log else plain_nll)(x, *a), None, loc, theta, pi)
+    for got_sparse, got_dense, reference in zip(sparse, dense, want):
+        torch.testing.assert_close(got_sparse, got_dense, rtol=1e-12, atol=1e-12)
+        assert scaled_error(got_sparse, reference) < 1e-10
+
+
+def test_csr_counts_broadcast_over_monte_carlo_draws():
+    x, mu, theta, pi = realistic(cells=16, genes=50, seed=5, dtype=torch.float64)
+    rows = _rows_with_stored_zeros(x)
+    mu3 = torch.stack([mu, mu * 0.5, mu * 2])
+    dense = value_and_grads(lambda _, *a: fused(x, *a), None, mu3, theta, pi)
+    sparse = value_and_grads(lambda _, *a: fused(rows, *a), None, mu3, theta, pi)
+    for a, b in zip(sparse, dense):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="CSR rows"):
+        fused_nb_nll(rows, mu[:, :10], theta[:10])
+
+
+def test_poisson_nll_per_cell_reads_csr_counts():
+    from scvi_cli.nn.sparse_input import SparseRows
+
+    x, mu, _, _ = realistic(cells=8, genes=20, seed=6)
+    torch.testing.assert_close(Poisson(mu).nll_per_cell(SparseRows.from_dense(x)), Poisson(mu).nll_per_cell(x))

@@ -7,6 +7,7 @@ import math
 import torch
 
 from scvi_cli.data import CountData, iterate_in_order
+from scvi_cli.device import count_layout
 from scvi_cli.training.loop import evaluate_elbo
 
 # Importance samples are drawn in chunks so memory stays at chunk x batch x genes floats.
@@ -41,8 +42,9 @@ def evaluate_model(
     importance-sampled log p(x) (higher is better; -marginal_ll <= negative_elbo in expectation).
     """
     module.eval()
+    layout = count_layout(device)
     torch.manual_seed(seed)
-    elbo = evaluate_elbo(module, iterate_in_order(data, batch_size), device)
+    elbo = evaluate_elbo(module, iterate_in_order(data, batch_size, layout=layout), device)
     metrics = {
         "n_cells": data.n_cells,
         "reconstruction_nll": elbo["reconstruction_loss"],
@@ -51,5 +53,5 @@ def evaluate_model(
     }
     if n_mc_samples > 0:
         torch.manual_seed(seed)
-        metrics["marginal_ll"] = marginal_log_likelihood(module, iterate_in_order(data, batch_size), n_mc_samples, device)
+        metrics["marginal_ll"] = marginal_log_likelihood(module, iterate_in_order(data, batch_size, layout=layout), n_mc_samples, device)
     return metrics

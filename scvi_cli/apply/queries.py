@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from scvi_cli.data import CountData, iterate_in_order
+from scvi_cli.device import count_layout
 from scvi_cli.errors import ScviCliError, UsageError
 from scvi_cli.minibatch import Minibatch
 from scvi_cli.models import VAEC, VAEBase
@@ -139,7 +140,7 @@ def _minibatches(module: nn.Module, data: CountData, batch_size: int, device) ->
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     module.eval()
-    for batch in iterate_in_order(data, batch_size):
+    for batch in iterate_in_order(data, batch_size, layout=count_layout(device)):
         yield batch.to(device)
 
 

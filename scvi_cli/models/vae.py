@@ -22,6 +22,7 @@ from scvi_cli.models.expression import TransformBatch, average_expression
 from scvi_cli.models.outputs import LossOutput, gaussian_kl, gaussian_kl_to_standard, gaussian_log_prob
 from scvi_cli.nn import DecoderSCVI, Encoder, NegativeBinomial, Poisson, ZeroInflatedNegativeBinomial, one_hot
 from scvi_cli.nn.decoders import ScaleHead
+from scvi_cli.nn.sparse_input import SparseInput, SparseRows
 
 DISPERSIONS = ("gene", "gene-batch", "gene-label", "gene-cell")
 LIKELIHOODS = ("zinb", "nb", "poisson")
@@ -159,17 +160,22 @@ class VAEBase(nn.Module):
             raise ValueError(f"cat_covs is required: the model has {len(self.n_cats_per_cov)} categorical covariates")
         return tuple(torch.split(cat_covs, 1, dim=1))
 
-    def _encoder_input(self, x: torch.Tensor, cont_covs, cat_covs) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    def _encoder_input(self, x: torch.Tensor | SparseRows, cont_covs, cat_covs):
         """What the encoders see besides the batch: log1p(x) (or x) with, when ``encode_covariates``,
-        the continuous covariates appended, and the categorical code columns."""
-        x_ = torch.log1p(x) if self.log_variational else x
-        if not self.encode_covariates:
-            return x_, ()
-        if self.n_continuous_cov:
+        the continuous covariates appended, and the categorical code columns. For CSR counts
+        (SparseRows) the first part is a SparseInput: log1p of the stored values only."""
+        sparse = isinstance(x, SparseRows)
+        x_ = (x.log1p() if sparse else torch.log1p(x)) if self.log_variational else x
+        tail = None
+        if self.encode_covariates and self.n_continuous_cov:
             if cont_covs is None:
                 raise ValueError(f"cont_covs is required: the model has {self.n_continuous_cov} continuous covariates")
-            x_ = torch.cat([x_, cont_covs], dim=-1)
-        return x_, self._categorical_inputs(cat_covs)
+            tail = cont_covs
+        if sparse:
+            x_ = SparseInput(x_, tail)
+        elif tail is not None:
+            x_ = torch.cat([x_, tail], dim=-1)
+        return x_, self._categorical_inputs(cat_covs) if self.encode_covariates else ()
 
     def encode(
         self,
@@ -180,13 +186,14 @@ class VAEBase(nn.Module):
         n_samples: int = 1,
     ) -> dict[str, torch.Tensor]:
         """q(z | x) and the (log) library: qz_m, qz_v, z, library, and ql_m, ql_v for a latent
-        library. With n_samples > 1, z (and untransformed_z) and library gain a leading sample axis."""
+        library. With n_samples > 1, z (and untransformed_z) and library gain a leading sample axis.
+        ``x`` is a (B, G) tensor or the same counts as SparseRows (read from their nonzeros)."""
         batch_index = self._batch_codes(x, batch_index)
         x_, cats = self._encoder_input(x, cont_covs, cat_covs)
         qz_m, qz_v, z = self.z_encoder(x_, batch_index, *cats)
         out = {"qz_m": qz_m, "qz_v": qz_v}
         if self.use_observed_lib_size:
-            library = torch.log(x.sum(dim=1, keepdim=True))
+            library = torch.log(x.row_sums() if isinstance(x, SparseRows) else x.sum(dim=1, keepdim=True))
         else:
             ql_m, ql_v, library = self.l_encoder(x_, batch_index, *cats)
             out.update(ql_m=ql_m, ql_v=ql_v)
@@ -286,7 +293,7 @@ class VAEBase(nn.Module):
         """Per-cell reconstruction NLL and local KL terms; objective mean(recon + kl_weight * KL_z + KL_l).
 
         ``library_prior``: per-cell (mean, variance) of the latent log-library's prior; default the
-        stored per-batch prior of each cell's batch.
+        stored per-batch prior of each cell's batch. ``x``: (B, G) counts, dense or SparseRows.
         """
         reconstruction_loss = generative_outputs["px"].nll_per_cell(x)  # the fused -log_prob(x).sum(-1)
         kl_z = gaussian_kl_to_standard(inference_outputs["qz_m"], inference_outputs["qz_v"]).sum(dim=-1)
@@ -300,11 +307,11 @@ class VAEBase(nn.Module):
 
     def loss_for(self, batch: Minibatch, kl_weight: float = 1.0) -> LossOutput:
         """One pass encode -> generative -> loss on a minibatch: what training and evaluation call."""
-        encoded = self.encode(batch.x, batch.batch_index, batch.cont_covs, batch.cat_covs)
+        encoded = self.encode(batch.counts, batch.batch_index, batch.cont_covs, batch.cat_covs)
         generative_outputs = self.generative(
             encoded["z"], encoded["library"], batch.batch_index, batch.cont_covs, batch.cat_covs, batch.labels
         )
-        return self.loss(batch.x, encoded, generative_outputs, batch.batch_index, kl_weight)
+        return self.loss(batch.counts, encoded, generative_outputs, batch.batch_index, kl_weight)
 
     # --------------------------------------------------------------------- the scvi 0.6 API
     def inference(
@@ -370,13 +377,11 @@ class VAEBase(nn.Module):
     ) -> torch.Tensor:
         """(B, n_latent): one draw of z from q(z | x), or with ``give_mean`` its mean (for 'ln', the
         Monte Carlo mean of softmax over ``n_samples`` draws). ``y`` is unused (0.6 passed labels)."""
-        if give_mean:
-            encoded = self.encode(x, batch_index, cont_covs, cat_covs)
-            if self.latent_distribution == "ln":
-                return logistic_normal_mean(encoded["qz_m"], encoded["qz_v"], n_samples)
-            return encoded["qz_m"]
         x_, cats = self._encoder_input(x, cont_covs, cat_covs)  # z's encoder alone
-        return self.z_encoder(x_, self._batch_codes(x, batch_index), *cats)[2]
+        qz_m, qz_v, z = self.z_encoder(x_, self._batch_codes(x, batch_index), *cats)
+        if not give_mean:
+            return z
+        return logistic_normal_mean(qz_m, qz_v, n_samples) if self.latent_distribution == "ln" else qz_m
 
     def sample_from_posterior_l(self, x: torch.Tensor, *, batch_index=None, cont_covs=None, cat_covs=None) -> torch.Tensor:
         """(B, 1) log-library: a draw from q(l | x), or the observed log total count."""
@@ -403,7 +408,7 @@ class VAEBase(nn.Module):
         of the Gaussian mean would be biased towards the uniform), computed in chunks of draws.
         """
         return self.sample_from_posterior_z(
-            batch.x, give_mean=give_mean, n_samples=mc_samples,
+            batch.counts, give_mean=give_mean, n_samples=mc_samples,
             batch_index=batch.batch_index, cont_covs=batch.cont_covs, cat_covs=batch.cat_covs,
         )
 
@@ -415,7 +420,7 @@ class VAEBase(nn.Module):
         the posterior mean of the log-library, the log-normal's median; library_size gives its
         mean). Otherwise S joint draws of z and (latent) library.
         """
-        encoded = self.encode(batch.x, batch.batch_index, batch.cont_covs, batch.cat_covs)
+        encoded = self.encode(batch.counts, batch.batch_index, batch.cont_covs, batch.cat_covs)
         if n_samples == 0:
             z = self.z_encoder.transform(encoded["qz_m"])
             log_library = encoded["library"] if self.use_observed_lib_size else encoded["ql_m"]
@@ -453,7 +458,7 @@ class VAEBase(nn.Module):
         """(B, 1) library size on the count scale: the observed total, or for a latent library its
         posterior mean exp(ql_m + ql_v / 2) (the log-normal's mean, as scvi-tools'
         get_latent_library_size), or a draw with ``give_mean=False``."""
-        encoded = self.encode(batch.x, batch.batch_index, batch.cont_covs, batch.cat_covs)
+        encoded = self.encode(batch.counts, batch.batch_index, batch.cont_covs, batch.cat_covs)
         if self.use_observed_lib_size or not give_mean:
             return torch.exp(encoded["library"])
         return torch.exp(encoded["ql_m"] + 0.5 * encoded["ql_v"])
@@ -465,7 +470,7 @@ class VAEBase(nn.Module):
         """(n_samples, B, G) counts drawn from p(x | z, l) with z, l drawn from the posterior."""
         draws = []
         for _ in range(n_samples):
-            encoded = self.encode(batch.x, batch.batch_index, batch.cont_covs, batch.cat_covs)
+            encoded = self.encode(batch.counts, batch.batch_index, batch.cont_covs, batch.cat_covs)
             px = self.generative(
                 encoded["z"], encoded["library"], batch.batch_index, batch.cont_covs, batch.cat_covs, batch.labels, transform_batch
             )["px"]
@@ -480,7 +485,7 @@ class VAEBase(nn.Module):
         - log S; the library terms are absent when the library is observed. For the logistic
         normal, densities are those of the Gaussian draws before the softmax.
         """
-        encoded = self.encode(batch.x, batch.batch_index, batch.cont_covs, batch.cat_covs)
+        encoded = self.encode(batch.counts, batch.batch_index, batch.cont_covs, batch.cat_covs)
         qz_m, qz_v = encoded["qz_m"], encoded["qz_v"]
         untransformed, library = self._sample_posterior(encoded, n_mc_samples)
         log_weight = (
@@ -489,7 +494,7 @@ class VAEBase(nn.Module):
         ).sum(dim=-1)
         if not self.use_observed_lib_size:
             ql_m, ql_v = encoded["ql_m"], encoded["ql_v"]
-            prior_m, prior_v = self.library_prior(self._batch_codes(batch.x, batch.batch_index))
+            prior_m, prior_v = self.library_prior(self._batch_codes(batch.counts, batch.batch_index))
             log_weight = log_weight + (
                 gaussian_log_prob(library, prior_m, prior_v) - gaussian_log_prob(library, ql_m, ql_v)
             ).sum(dim=-1)

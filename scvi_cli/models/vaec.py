@@ -19,6 +19,7 @@ from scvi_cli.models.expression import TransformBatch, average_expression
 from scvi_cli.models.vae import LN_MC_SAMPLES, decoding_batch, gaussian_draws
 from scvi_cli.nn import Encoder, FCLayers, NegativeBinomial
 from scvi_cli.nn.decoders import ScaleHead, linear_rows
+from scvi_cli.nn.sparse_input import SparseInput, SparseRows
 
 BATCH_EMBEDDING_DIM = 5
 
@@ -93,10 +94,15 @@ class VAEC(nn.Module):
         self.register_buffer("ct_weight", weight)
 
     def inference(self, x: torch.Tensor, y: torch.Tensor, n_samples: int = 1) -> dict[str, torch.Tensor]:
-        """q(z | x, y): qz_m, qz_v, z (S, B, D with n_samples > 1) and the library (raw total count)."""
-        x_ = torch.log1p(x) if self.log_variational else x
+        """q(z | x, y): qz_m, qz_v, z (S, B, D with n_samples > 1) and the library (raw total count).
+        ``x`` is a (B, G) tensor or the same counts as SparseRows (read from their nonzeros)."""
+        if isinstance(x, SparseRows):
+            x_ = SparseInput(x.log1p() if self.log_variational else x)
+            library = x.row_sums()
+        else:
+            x_ = torch.log1p(x) if self.log_variational else x
+            library = x.sum(dim=1, keepdim=True)
         qz_m, qz_v, z = self.z_encoder(x_, y)
-        library = x.sum(dim=1, keepdim=True)
         if n_samples > 1:
             z = gaussian_draws(qz_m, qz_v, n_samples)
             library = library.expand(n_samples, *library.shape)
@@ -139,9 +145,9 @@ class VAEC(nn.Module):
 
     def loss_for(self, batch: Minibatch, kl_weight: float = 1.0) -> LossOutput:
         """One pass inference -> generative -> loss on a minibatch: what training and evaluation call."""
-        inference_outputs = self.inference(batch.x, batch.labels)
+        inference_outputs = self.inference(batch.counts, batch.labels)
         generative_outputs = self.generative(inference_outputs["z"], inference_outputs["library"], batch.labels, batch.batch_index)
-        return self.loss({"X": batch.x, "labels": batch.labels}, inference_outputs, generative_outputs, kl_weight)
+        return self.loss({"X": batch.counts, "labels": batch.labels}, inference_outputs, generative_outputs, kl_weight)
 
     forward = loss_for
 
@@ -156,18 +162,18 @@ class VAEC(nn.Module):
     def latent(self, batch: Minibatch, give_mean: bool = True, mc_samples: int = LN_MC_SAMPLES) -> torch.Tensor:
         """(B, n_latent) posterior mean of z, or a draw. ``mc_samples`` is unused (the latent is
         normal); it is accepted so that every module answers VAE's call."""
-        out = self.inference(batch.x, batch.labels)
+        out = self.inference(batch.counts, batch.labels)
         return out["qz_m"] if give_mean else out["z"]
 
     @torch.no_grad()
     def latent_distribution_params(self, batch: Minibatch) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.inference(batch.x, batch.labels)
+        out = self.inference(batch.counts, batch.labels)
         return out["qz_m"], out["qz_v"]
 
     def posterior_draws(self, batch: Minibatch, n_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(z, library) with a leading draw axis, (S, B, D) and (S, B, 1): the posterior mean of z
         as one entry (n_samples=0) or S draws; the library is always the observed total."""
-        out = self.inference(batch.x, batch.labels)
+        out = self.inference(batch.counts, batch.labels)
         z = out["qz_m"].unsqueeze(0) if n_samples == 0 else gaussian_draws(out["qz_m"], out["qz_v"], n_samples)
         return z, out["library"].expand(z.shape[0], *out["library"].shape)
 
@@ -198,7 +204,7 @@ class VAEC(nn.Module):
         batch_index = decoding_batch(batch.batch_index, transform_batch)
         draws = []
         for _ in range(n_samples):
-            out = self.inference(batch.x, batch.labels)
+            out = self.inference(batch.counts, batch.labels)
             px = self.generative(out["z"], out["library"], batch.labels, batch_index)["px"]
             draws.append(px.sample(generator))
         return torch.stack(draws)
@@ -206,7 +212,7 @@ class VAEC(nn.Module):
     @torch.no_grad()
     def marginal_ll(self, batch: Minibatch, n_mc_samples: int = 100) -> torch.Tensor:
         """(B,) importance-sampling estimate of log p(x | label) with q(z | x, label) as proposal."""
-        out = self.inference(batch.x, batch.labels)
+        out = self.inference(batch.counts, batch.labels)
         qz_m, qz_v = out["qz_m"], out["qz_v"]
         draws = gaussian_draws(qz_m, qz_v, n_mc_samples)
         log_weight = (

@@ -36,6 +36,7 @@ class Encoder(nn.Module):
     reparameterised sample. With ``distribution='ln'`` the sample is mapped through softmax
     (logistic normal) while q_m and q_v stay the parameters of the underlying Gaussian. With
     ``return_dist`` it returns ``(Normal(q_m, sqrt(q_v)), z)`` instead. Other keywords go to FCLayers.
+    ``x`` may also be a SparseInput (CSR counts): the first layer then reads only its nonzeros.
     """
 
     def __init__(
@@ -69,7 +70,7 @@ class Encoder(nn.Module):
             n_hidden=n_hidden,
             dropout_rate=dropout_rate,
             **fc_kwargs,
-        )
+        ).sparse_input_ready_()
         self.mean_encoder = nn.Linear(n_hidden, n_output)
         self.var_encoder = nn.Linear(n_hidden, n_output)
 

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from scvi_cli.nn.sparse_input import SparseInput, column_major_
+
 LINEAR, BATCH_NORM, LAYER_NORM, ACTIVATION, DROPOUT = range(5)
 
 
@@ -67,8 +69,16 @@ class FCLayers(nn.Module):
     def injects_into(self, layer_index: int) -> bool:
         return layer_index == 0 or self.inject_covariates
 
-    def forward(self, x: torch.Tensor, *cat_list: torch.Tensor) -> torch.Tensor:
-        """x: (..., n_in); cat_list: one (B, 1) code tensor per categorical covariate."""
+    def sparse_input_ready_(self) -> "FCLayers":
+        """Store the first Linear's weight column-major, the layout in which the sparse path
+        (a :class:`SparseInput` given to forward) needs no transposes; the dense path and the
+        state dict are unaffected (see ``column_major_``)."""
+        column_major_(self.fc_layers[0][LINEAR])
+        return self
+
+    def forward(self, x: torch.Tensor | SparseInput, *cat_list: torch.Tensor) -> torch.Tensor:
+        """x: (..., n_in), or a (B, n_in) SparseInput (CSR counts and dense columns) that the first
+        Linear reads from its nonzeros; cat_list: one (B, 1) code tensor per categorical covariate."""
         if len(cat_list) < len(self.n_cat_list):
             raise ValueError(
                 f"FCLayers expects {len(self.n_cat_list)} categorical covariates, got {len(cat_list)}"
@@ -77,6 +87,9 @@ class FCLayers(nn.Module):
         for i, block in enumerate(self.fc_layers):
             for slot, module in enumerate(block):
                 if module is None:
+                    continue
+                if isinstance(x, SparseInput):  # only ever the first Linear's input
+                    x = x.linear(module, one_hots)
                     continue
                 if slot == LINEAR and one_hots and self.injects_into(i):
                     covs = [oh.expand(*x.shape[:-1], oh.shape[-1]) for oh in one_hots]

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from scvi_cli.nn.sparse_input import SparseRows
+
 EPS = 1e-8
 
 
@@ -152,6 +154,19 @@ def _dense_terms(loc, theta, inv_te, pi_logits, idx, loc_is_log, need_loc, need_
     return ll_rows, d_loc, d_theta, d_pi
 
 
+def _stored_nonzeros(x: SparseRows) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(flat row-major indices, values, B * G) of the nonzero entries of CSR counts; stored
+    zeros are dropped (the nonzero branch of the formula must not see them). Rows must not
+    store a column twice (canonical CSR, as CountData holds)."""
+    flat = x.row_ids() * x.n_cols + x.indices
+    values = x.values
+    stored_zero = values == 0
+    if bool(stored_zero.any()):
+        keep = ~stored_zero
+        flat, values = flat[keep], values[keep]
+    return flat, values, len(x) * x.n_cols
+
+
 def _fused_nb_forward(
     x: torch.Tensor,
     loc: torch.Tensor,
@@ -171,9 +186,12 @@ def _fused_nb_forward(
     need_pi = need_pi and zinb
 
     # ---- nonzero counts: one pass over x; everything x-dependent runs on these entries only ----
-    x_src, x_mod = _flat_source(x, shape)
-    nz = x_src.nonzero().squeeze(1)  # flat indices into x's own (suffix) shape
-    x_nz = x_src[nz]
+    if isinstance(x, SparseRows):  # the nonzeros are given: no pass over B x G at all
+        nz, x_nz, x_mod = _stored_nonzeros(x)
+    else:
+        x_src, x_mod = _flat_source(x, shape)
+        nz = x_src.nonzero().squeeze(1)  # flat indices into x's own (suffix) shape
+        x_nz = x_src[nz]
     if x_mod == numel:
         idx = nz
     else:  # x broadcast over leading (e.g. Monte Carlo) axes: the same nonzeros in every block
@@ -300,11 +318,15 @@ def fused_nb_nll(
         raise ValueError("give exactly one of mu and log_mu")
     loc_is_log = log_mu is not None
     loc = log_mu if loc_is_log else mu
-    if not x.is_floating_point():
+    if isinstance(x, SparseRows):
+        if x.shape != tuple(loc.shape[-2:]):
+            raise ValueError(f"x {x.shape} (CSR rows) must match the last two axes of mu {tuple(loc.shape)}")
+        x = x.to(dtype=loc.dtype)
+    elif not x.is_floating_point():
         x = x.to(loc.dtype)
     inputs = (loc, theta) if pi_logits is None else (loc, theta, pi_logits)
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
-        return _FusedNBNLL.apply(x.detach(), loc, theta, pi_logits, loc_is_log)
+        return _FusedNBNLL.apply(x if isinstance(x, SparseRows) else x.detach(), loc, theta, pi_logits, loc_is_log)
     return _fused_nb_forward(x, loc, theta, pi_logits, loc_is_log, False, False, False)[0]
 
 
@@ -328,8 +350,8 @@ class Poisson:
         return log_poisson(x, self.mu)
 
     def nll_per_cell(self, x: torch.Tensor) -> torch.Tensor:
-        """``-log_prob(x).sum(-1)`` (plain formula), the training reconstruction loss."""
-        return -log_poisson(x, self.mu).sum(-1)
+        """``-log_prob(x).sum(-1)`` (plain formula), the training reconstruction loss; x dense or SparseRows."""
+        return -log_poisson(x.to_dense() if isinstance(x, SparseRows) else x, self.mu).sum(-1)
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         return torch.poisson(self.mu, generator=generator)

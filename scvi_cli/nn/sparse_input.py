@@ -27,7 +27,7 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SparseRows", "column_major_", "is_column_major", "sparse_linear"]
+__all__ = ["SparseInput", "SparseRows", "column_major_", "is_column_major", "sparse_linear"]
 
 
 class SparseRows:
@@ -360,3 +360,27 @@ def sparse_linear(
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"bias must be ({weight.shape[0]},), got shape {tuple(bias.shape)}")
     return _SparseLinear.apply(rows.values, weight, bias, dense_tail, rows)
+
+
+class SparseInput:
+    """A layer input given as CSR columns followed by dense ones: ``cat([rows, tail], 1)``.
+
+    What an encoder's first layer reads on the sparse path: ``rows`` holds log1p(counts) (B, G),
+    ``tail`` (B, k) the continuous covariates, or None. FCLayers appends its one-hot covariates
+    to the tail and calls :func:`sparse_linear`.
+    """
+
+    __slots__ = ("rows", "tail")
+
+    def __init__(self, rows: SparseRows, tail: torch.Tensor | None = None):
+        self.rows = rows
+        self.tail = tail
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def linear(self, linear: torch.nn.Linear, more_tail: list[torch.Tensor] | tuple = ()) -> torch.Tensor:
+        """``linear(cat([rows, tail, *more_tail], 1))`` from the nonzeros of rows."""
+        parts = ([] if self.tail is None else [self.tail]) + list(more_tail)
+        tail = None if not parts else parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return sparse_linear(self.rows, linear.weight, linear.bias, tail)

@@ -20,7 +20,7 @@ import torch
 from scvi_cli.atomic import check_writable, refuse_input_as_output
 from scvi_cli.checkpoint import Checkpoint, current_versions, load_checkpoint, save_checkpoint, write_history_csv
 from scvi_cli.data import CountData, CSRMinibatches, load_count_data, train_validation_split
-from scvi_cli.device import limit_threads, resolve_device
+from scvi_cli.device import count_layout, limit_threads, resolve_device
 from scvi_cli.errors import DataError, UsageError
 from scvi_cli.model_factory import build_model, model_kwargs
 from scvi_cli.training.preemption import TrainingStopped, stop_on_signals
@@ -155,9 +155,11 @@ def train_from_h5ad(
     elif resume:
         reporter.message(f"no resumable state at {resume_path}; starting from the first epoch")
 
-    train_batches = CSRMinibatches(data, train_idx, spec.train.batch_size, shuffle=True, seed=seed)
+    layout = count_layout(torch_device)
+    train_batches = CSRMinibatches(data, train_idx, spec.train.batch_size, shuffle=True, seed=seed, layout=layout)
     validation_batches = (
-        CSRMinibatches(data, validation_idx, spec.train.batch_size, shuffle=False) if len(validation_idx) else None
+        CSRMinibatches(data, validation_idx, spec.train.batch_size, shuffle=False, layout=layout)
+        if len(validation_idx) else None
     )
     reporter.message(
         f"{spec.model.type}: {data.n_cells} cells x {data.n_genes} genes, {data.n_batch} batch(es), "
