@@ -24,6 +24,40 @@ def set_thread_variables(threads: int) -> None:
         os.environ[variable] = str(threads)
 
 
+# glibc's mallopt parameters (malloc.h), and its largest mmap threshold on 64-bit systems
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+MMAP_THRESHOLD_MAX = 32 * 2**20
+
+
+def retain_freed_memory() -> bool:
+    """Keep freed memory in the process for reuse instead of returning it to the kernel.
+
+    glibc serves blocks above its mmap threshold (at most 32 MiB) with fresh pages, faulted in
+    and zeroed on first touch, and unmaps them when freed. A training step at batch 1024 x 9k
+    genes makes a dozen such 37 MB tensors: ~100k page faults per step, more system time than
+    compute (measured on 2 threads: 298 ms per step, 192 ms with this setting). The cost is a
+    higher plateau of resident memory (990 -> 1,140 MiB there), as freed blocks stay in the heap.
+    glibc only (elsewhere nothing changes); returns whether the settings were applied.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc: its allocator decides
+        return False
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def retain_memory_for_wide_minibatches(cells: int, genes: int) -> bool:
+    """retain_freed_memory() when a (cells x genes) float32 block exceeds glibc's mmap ceiling,
+    the only case where it pays (below it glibc already reuses freed blocks); else nothing."""
+    if cells * genes * 4 <= MMAP_THRESHOLD_MAX:
+        return False
+    return retain_freed_memory()
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps' -> torch.device; a missing GPU is an error."""
     import torch

@@ -20,7 +20,7 @@ import torch
 from scvi_cli.atomic import check_writable, refuse_input_as_output
 from scvi_cli.checkpoint import Checkpoint, current_versions, load_checkpoint, save_checkpoint, write_history_csv
 from scvi_cli.data import CountData, CSRMinibatches, load_count_data, train_validation_split
-from scvi_cli.device import count_layout, limit_threads, resolve_device
+from scvi_cli.device import count_layout, limit_threads, resolve_device, retain_memory_for_wide_minibatches
 from scvi_cli.errors import DataError, UsageError
 from scvi_cli.model_factory import build_model, model_kwargs
 from scvi_cli.training.preemption import TrainingStopped, stop_on_signals
@@ -156,6 +156,7 @@ def train_from_h5ad(
         reporter.message(f"no resumable state at {resume_path}; starting from the first epoch")
 
     layout = count_layout(torch_device)
+    retain_memory_for_wide_minibatches(spec.train.batch_size, data.n_genes)
     train_batches = CSRMinibatches(data, train_idx, spec.train.batch_size, shuffle=True, seed=seed, layout=layout)
     validation_batches = (
         CSRMinibatches(data, validation_idx, spec.train.batch_size, shuffle=False, layout=layout)
