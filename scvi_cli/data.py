@@ -9,6 +9,7 @@ ever made dense, so memory follows the number of non-zeros, not cells x genes.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import math
 import os
@@ -205,16 +206,12 @@ def _canonical_float32(X: sp.csr_matrix) -> sp.csr_matrix:
 
 
 def row_sums(X: sp.csr_matrix) -> np.ndarray:
-    """Total counts per cell in float64, in one vectorised pass over .data (empty rows are 0)."""
-    indptr = X.indptr
-    data = X.data[: indptr[-1]]
-    totals = np.zeros(X.shape[0], dtype=np.float64)
-    nonempty = indptr[1:] > indptr[:-1]
-    if nonempty.any():
-        # reduceat over the starts of non-empty rows: each segment ends where the next
-        # non-empty row starts, i.e. exactly at the end of its own row.
-        totals[nonempty] = np.add.reduceat(data, indptr[:-1][nonempty], dtype=np.float64)
-    return totals
+    """Total counts per cell as float64 (empty rows are 0), by scipy's compiled CSR matrix-vector
+    product: one pass over .data, no copy (numpy's reduceat with a float64 accumulator took
+    0.9 s on the first pass over 48M values, this 0.07 s). The products accumulate in X's
+    dtype, float32 for CountData: exact for integer totals below 2**24 (16.7M counts per cell)."""
+    ones = np.ones(X.shape[1], dtype=np.result_type(X.dtype, np.float32))
+    return np.asarray(X @ ones, dtype=np.float64).reshape(-1)
 
 
 def select_counts(adata, layer: str | None, path: str | os.PathLike) -> sp.csr_matrix:
@@ -668,10 +665,12 @@ class CSRMinibatches:
         n = self.indices.size
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
+    def epoch_cells(self) -> np.ndarray:
+        """The cells of this epoch in their order (shuffled by (seed, epoch) when shuffling)."""
+        return self.indices[epoch_order(self.indices.size, self.seed, self.epoch)] if self.shuffle else self.indices
+
     def __iter__(self) -> Iterator[Minibatch]:
-        order = self.indices
-        if self.shuffle:
-            order = order[epoch_order(order.size, self.seed, self.epoch)]
+        order = self.epoch_cells()
         for b in range(len(self)):
             rows = order[b * self.batch_size : (b + 1) * self.batch_size]
             yield self._minibatch(rows)
@@ -691,6 +690,86 @@ class CSRMinibatches:
             cat_covs=None if self._cat is None else self._cat[t],
             cont_covs=None if self._cont is None else self._cont[t],
             rows=csr_rows,
+        )
+
+
+class DeviceCSRMinibatches(CSRMinibatches):
+    """The minibatches of CSRMinibatches (same order, same values, dense x) gathered on ``device``
+    from a copy of X kept there, for GPU training when the matrix fits.
+
+    Per step nothing dense crosses from the host: the epoch's order moves to the device once, and
+    each minibatch is a gather of its rows' stored entries (their count, needed to size the gather,
+    comes from the host's copy of indptr, so the device is never asked for a number).
+    """
+
+    def __init__(
+        self,
+        data: CountData,
+        indices: np.ndarray | Sequence[int],
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
+        drop_last: bool = False,
+        device: torch.device | str = "cuda",
+    ):
+        super().__init__(data, indices, batch_size, shuffle, seed, drop_last, layout="dense")
+        self.device = torch.device(device)
+        self._n_cells = data.n_cells
+        self._host_indptr = self._indptr.astype(np.int64, copy=False)
+        move = lambda t: None if t is None else t.to(self.device)  # noqa: E731
+        self._on_device = dict(
+            indptr=move(torch.from_numpy(self._host_indptr)),
+            indices=move(torch.from_numpy(self._indices.astype(np.int32, copy=False))),
+            data=move(torch.from_numpy(self._data)),
+            batch=move(self._batch),
+            labels=move(self._labels),
+            cat=move(self._cat),
+            cont=move(self._cont),
+        )
+
+    def sharing(self, indices: np.ndarray | Sequence[int], shuffle: bool) -> "DeviceCSRMinibatches":
+        """Minibatches of other cells of the same data, reading the same device copy (e.g. the
+        validation cells beside the training cells), not a second one."""
+        other = copy.copy(self)
+        other.indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if other.indices.size and (other.indices.min() < 0 or other.indices.max() >= self._n_cells):
+            raise ValueError(f"indices must lie in [0, {self._n_cells})")
+        other.shuffle, other.epoch = shuffle, 0
+        return other
+
+    @staticmethod
+    def device_bytes(data: CountData) -> int:
+        """Bytes the device copy of ``data`` takes (float32 values, int32 indices, int64 indptr and codes)."""
+        X = data.X
+        covariates = 0 if data.cat_cov_codes is None else data.cat_cov_codes.size * 8
+        covariates += 0 if data.cont_covs is None else data.cont_covs.size * 4
+        return X.nnz * 8 + (X.shape[0] + 1) * 8 + X.shape[0] * 16 + covariates
+
+    def __iter__(self) -> Iterator[Minibatch]:
+        order = self.epoch_cells()
+        order_on_device = torch.from_numpy(np.ascontiguousarray(order)).to(self.device)
+        for b in range(len(self)):
+            span = slice(b * self.batch_size, (b + 1) * self.batch_size)
+            yield self._gather(order[span], order_on_device[span])
+
+    def _gather(self, rows: np.ndarray, rows_on_device: torch.Tensor) -> Minibatch:
+        d = self._on_device
+        total = int((self._host_indptr[rows + 1] - self._host_indptr[rows]).sum())
+        starts = d["indptr"][rows_on_device]
+        lengths = d["indptr"][rows_on_device + 1] - starts
+        offsets = torch.cumsum(lengths, 0) - lengths  # where each row starts within the minibatch
+        n = rows.size
+        row_of_entry = torch.repeat_interleave(torch.arange(n, device=self.device), lengths, output_size=total)
+        source = torch.arange(total, device=self.device) + torch.repeat_interleave(starts - offsets, lengths, output_size=total)
+        x = torch.zeros((n, self._n_genes), dtype=torch.float32, device=self.device)
+        x.index_put_((row_of_entry, d["indices"][source].long()), d["data"][source])
+        pick = lambda t: None if t is None else t[rows_on_device]  # noqa: E731
+        return Minibatch(
+            x=x,
+            batch_index=pick(d["batch"]),
+            labels=pick(d["labels"]),
+            cat_covs=pick(d["cat"]),
+            cont_covs=pick(d["cont"]),
         )
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from scvi_cli.errors import SpecError
 
@@ -47,6 +47,7 @@ LatentDistribution = Literal["normal", "ln"]
 NormPlacement = Literal["none", "encoder", "decoder", "both"]
 ScaleActivation = Literal["softmax", "softplus"]
 VarActivation = Literal["exp", "softplus"]  # the encoders' variance activation, by name
+Precision = Literal["32", "tf32", "bf16-mixed"]  # training arithmetic: float32, TF32 matmuls (CUDA), bf16 autocast
 
 
 class _Problem(ValueError):
@@ -175,6 +176,13 @@ class TrainSpec(_Section):
     early_stopping_patience: PositiveInt = 45
     early_stopping_min_delta: NonNegativeFloat = 0.0
     seed: Annotated[int, Field(strict=True, ge=0, le=2**32 - 1)] = 0  # any RNG accepts it
+    precision: Precision = "32"
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision_as_text(cls, value: Any) -> Any:
+        """YAML reads `precision: 32` as a number; it names the same setting as "32"."""
+        return "32" if value == 32 and not isinstance(value, bool) else value
 
 
 SECTION_CLASSES: dict[str, type[_Section]] = {"data": DataSpec, "train": TrainSpec}

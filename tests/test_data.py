@@ -544,6 +544,17 @@ def test_library_log_priors_empty_batch_is_an_error():
 def test_row_sums_with_empty_rows():
     dense = np.array([[0, 0, 0], [1, 0, 2], [0, 0, 0], [0, 5, 0], [0, 0, 0]], dtype=np.float32)
     np.testing.assert_array_equal(D.row_sums(sp.csr_matrix(dense)), dense.sum(axis=1))
+    assert D.row_sums(sp.csr_matrix(dense)).dtype == np.float64
+    np.testing.assert_array_equal(D.row_sums(sp.csr_matrix(dense.astype(np.int64))), dense.sum(axis=1))
+
+
+def test_row_sums_exact_for_large_integer_counts():
+    rng = np.random.default_rng(0)
+    X = sp.random(50, 3000, density=0.5, format="csr", dtype=np.float32, random_state=1)
+    X.data = rng.integers(1, 10_000, X.nnz).astype(np.float32)  # totals ~7.5M per cell
+    exact = np.array([int(X.data[X.indptr[i] : X.indptr[i + 1]].astype(np.int64).sum()) for i in range(50)])
+    assert exact.max() > 2**22
+    np.testing.assert_array_equal(D.row_sums(X), exact.astype(np.float64))
 
 
 # --------------------------------------------------------------------------------------------

@@ -96,6 +96,7 @@ TRAIN_DEFAULTS = {
     "early_stopping_patience": 45,
     "early_stopping_min_delta": 0.0,
     "seed": 0,
+    "precision": "32",
 }
 
 
@@ -410,7 +411,7 @@ def test_unknown_key_without_close_match_lists_valid_keys(tmp_path):
     path = write(tmp_path, "train:\n  zzz: 1\n")
     message = spec_error(path)
     assert message.startswith(f"{path}: train.zzz: unknown key (valid: max_epochs, batch_size, lr,")
-    assert "seed)" in message
+    assert "seed, precision)" in message
 
 
 def test_suggestions_follow_the_model_type(tmp_path):

@@ -266,9 +266,10 @@ class _FusedNBNLL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, loc, theta, pi_logits, loc_is_log):
         _, need_loc, need_theta, need_pi, _ = ctx.needs_input_grad
-        nll, d_loc, d_theta, d_pi = _fused_nb_forward(
-            x, loc, theta, pi_logits, loc_is_log, need_loc, need_theta, need_pi
-        )
+        with torch.autocast(loc.device.type, enabled=False):  # float32 inside, as its inputs
+            nll, d_loc, d_theta, d_pi = _fused_nb_forward(
+                x, loc, theta, pi_logits, loc_is_log, need_loc, need_theta, need_pi
+            )
         ctx.save_for_backward(d_loc, d_theta, d_pi)
         ctx.shapes = (loc.shape, theta.shape, None if pi_logits is None else pi_logits.shape)
         return nll
@@ -279,10 +280,15 @@ class _FusedNBNLL(torch.autograd.Function):
         d_loc, d_theta, d_pi = ctx.saved_tensors
         loc_shape, theta_shape, pi_shape = ctx.shapes
         grads = [None, None, None, None, None]
-        for slot, local, target in ((1, d_loc, loc_shape), (2, d_theta, theta_shape), (3, d_pi, pi_shape)):
-            if local is not None and ctx.needs_input_grad[slot]:
-                grads[slot] = _reduce_grad(local, grad_nll, target)
+        with torch.autocast(grad_nll.device.type, enabled=False):
+            for slot, local, target in ((1, d_loc, loc_shape), (2, d_theta, theta_shape), (3, d_pi, pi_shape)):
+                if local is not None and ctx.needs_input_grad[slot]:
+                    grads[slot] = _reduce_grad(local, grad_nll.to(local.dtype), target)
         return tuple(grads)
+
+
+def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.is_floating_point() and t.element_size() < 4 else t
 
 
 def fused_nb_nll(
@@ -318,6 +324,9 @@ def fused_nb_nll(
         raise ValueError("give exactly one of mu and log_mu")
     loc_is_log = log_mu is not None
     loc = log_mu if loc_is_log else mu
+    # float32 at least, whatever autocast made upstream: lgamma of counts in bf16 is far off
+    loc, theta = _at_least_float32(loc), _at_least_float32(theta)
+    pi_logits = None if pi_logits is None else _at_least_float32(pi_logits)
     if isinstance(x, SparseRows):
         if x.shape != tuple(loc.shape[-2:]):
             raise ValueError(f"x {x.shape} (CSR rows) must match the last two axes of mu {tuple(loc.shape)}")
@@ -327,7 +336,8 @@ def fused_nb_nll(
     inputs = (loc, theta) if pi_logits is None else (loc, theta, pi_logits)
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
         return _FusedNBNLL.apply(x if isinstance(x, SparseRows) else x.detach(), loc, theta, pi_logits, loc_is_log)
-    return _fused_nb_forward(x, loc, theta, pi_logits, loc_is_log, False, False, False)[0]
+    with torch.autocast(loc.device.type, enabled=False):
+        return _fused_nb_forward(x, loc, theta, pi_logits, loc_is_log, False, False, False)[0]
 
 
 def _sample_gamma_poisson(mu: torch.Tensor, theta: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -359,6 +359,13 @@ def sparse_linear(
             dense_tail = dense_tail.to(weight.dtype)
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"bias must be ({weight.shape[0]},), got shape {tuple(bias.shape)}")
+    if torch.is_autocast_enabled(weight.device.type):  # autocast does not reach inside: compute as it would
+        dtype = torch.get_autocast_dtype(weight.device.type)
+        rows = rows.to(dtype=dtype)
+        weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
+        dense_tail = None if dense_tail is None else dense_tail.to(dtype)
+        with torch.autocast(weight.device.type, enabled=False):
+            return _SparseLinear.apply(rows.values, weight, bias, dense_tail, rows)
     return _SparseLinear.apply(rows.values, weight, bias, dense_tail, rows)
 
 

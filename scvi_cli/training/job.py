@@ -19,7 +19,7 @@ import torch
 
 from scvi_cli.atomic import check_writable, refuse_input_as_output
 from scvi_cli.checkpoint import Checkpoint, current_versions, load_checkpoint, save_checkpoint, write_history_csv
-from scvi_cli.data import CountData, CSRMinibatches, load_count_data, train_validation_split
+from scvi_cli.data import CountData, CSRMinibatches, DeviceCSRMinibatches, load_count_data, train_validation_split
 from scvi_cli.device import count_layout, limit_threads, resolve_device, retain_memory_for_wide_minibatches
 from scvi_cli.errors import DataError, UsageError
 from scvi_cli.model_factory import build_model, model_kwargs
@@ -52,6 +52,34 @@ def resume_path_for(checkpoint_path: str | Path) -> Path:
     return path.with_name(path.stem + ".resume" + (path.suffix or ".ckpt"))
 
 
+# The share of a GPU's free memory the counts may take when kept there (the rest: the model, its
+# activations and the allocator's slack).
+DEVICE_COUNTS_SHARE = 0.5
+
+
+def minibatch_sources(data: CountData, train_idx, validation_idx, batch_size: int, seed: int, device, reporter=None):
+    """(training, validation or None) minibatch sources for ``device``.
+
+    On a CUDA device the counts are kept there when they take at most DEVICE_COUNTS_SHARE of its
+    free memory, and minibatches are gathered on it (DeviceCSRMinibatches); otherwise (and on
+    the CPU) they are gathered on the host, as CSR rows on the CPU (count_layout).
+    """
+    if device.type == "cuda":
+        need, free = DeviceCSRMinibatches.device_bytes(data), torch.cuda.mem_get_info(device)[0]
+        if need <= DEVICE_COUNTS_SHARE * free:
+            train = DeviceCSRMinibatches(data, train_idx, batch_size, shuffle=True, seed=seed, device=device)
+            return train, train.sharing(validation_idx, shuffle=False) if len(validation_idx) else None
+        if reporter is not None:
+            reporter.message(
+                f"the counts ({need / 2**30:.1f} GiB on the device) exceed {DEVICE_COUNTS_SHARE:.0%} of the "
+                f"GPU's free memory ({free / 2**30:.1f} GiB): minibatches are gathered on the host"
+            )
+    layout = count_layout(device)
+    train = CSRMinibatches(data, train_idx, batch_size, shuffle=True, seed=seed, layout=layout)
+    validation = CSRMinibatches(data, validation_idx, batch_size, shuffle=False, layout=layout) if len(validation_idx) else None
+    return train, validation
+
+
 def train_settings(spec: Spec, n_cells: int) -> TrainSettings:
     train = spec.train
     return TrainSettings(
@@ -63,6 +91,7 @@ def train_settings(spec: Spec, n_cells: int) -> TrainSettings:
         early_stopping=train.early_stopping,
         early_stopping_patience=train.early_stopping_patience,
         early_stopping_min_delta=train.early_stopping_min_delta,
+        precision=train.precision,
     )
 
 
@@ -132,6 +161,8 @@ def train_from_h5ad(
     if checkpoint_every is not None and checkpoint_every < 1:
         raise UsageError(f"--checkpoint-every {checkpoint_every}: must be at least 1")
     torch_device = resolve_device(device)
+    if spec.train.precision == "tf32" and torch_device.type != "cuda":
+        raise UsageError(f"train.precision=tf32 needs a CUDA device; this run is on {torch_device} (use 32 or bf16-mixed)")
     limit_threads(threads)
     set_deterministic(deterministic)
 
@@ -155,12 +186,9 @@ def train_from_h5ad(
     elif resume:
         reporter.message(f"no resumable state at {resume_path}; starting from the first epoch")
 
-    layout = count_layout(torch_device)
     retain_memory_for_wide_minibatches(spec.train.batch_size, data.n_genes)
-    train_batches = CSRMinibatches(data, train_idx, spec.train.batch_size, shuffle=True, seed=seed, layout=layout)
-    validation_batches = (
-        CSRMinibatches(data, validation_idx, spec.train.batch_size, shuffle=False, layout=layout)
-        if len(validation_idx) else None
+    train_batches, validation_batches = minibatch_sources(
+        data, train_idx, validation_idx, spec.train.batch_size, seed, torch_device, reporter
     )
     reporter.message(
         f"{spec.model.type}: {data.n_cells} cells x {data.n_genes} genes, {data.n_batch} batch(es), "

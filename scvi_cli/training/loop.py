@@ -7,6 +7,7 @@ step usable from the CLI, from Python, and later from one process per GPU.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -33,6 +34,7 @@ class TrainSettings:
     early_stopping: bool = False
     early_stopping_patience: int = 45
     early_stopping_min_delta: float = 0.0
+    precision: str = "32"  # "32", "tf32" (CUDA matmuls in TF32) or "bf16-mixed" (bf16 autocast)
 
 
 @dataclass
@@ -94,6 +96,34 @@ def make_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.opt
         return torch.optim.Adam(params, fused=True, **options)
     except (RuntimeError, ValueError):
         return torch.optim.Adam(params, **options)
+
+
+PRECISIONS = ("32", "tf32", "bf16-mixed")
+
+
+@contextlib.contextmanager
+def arithmetic(precision: str, device: torch.device | str):
+    """The training step's arithmetic. "32": float32 throughout. "tf32": float32 tensors with
+    TF32 matrix products (CUDA only; about 10 mantissa bits per product, fp32 accumulation).
+    "bf16-mixed": torch.autocast to bfloat16 for matrix products, float32 weights, optimizer
+    and likelihood (fused_nb_nll computes in float32 whatever it is given)."""
+    kind = torch.device(device).type
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "32":
+        yield
+    elif precision == "tf32":
+        if kind != "cuda":
+            raise ValueError(f"precision tf32 needs a CUDA device (training runs on {kind})")
+        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    else:
+        with torch.autocast(device_type=kind, dtype=torch.bfloat16):
+            yield
 
 
 class _MetricSums:
@@ -177,10 +207,11 @@ def fit(
         for step, batch in enumerate(train_batches):
             if step < state.step_in_epoch:
                 continue
-            out = model.loss_for(batch.to(device), kl_weight=weight)
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            optimizer.step()
+            with arithmetic(settings.precision, device):
+                out = model.loss_for(batch.to(device), kl_weight=weight)
+                optimizer.zero_grad(set_to_none=True)
+                out.loss.backward()
+                optimizer.step()
             sums.add(out)
             if should_stop is not None and should_stop():
                 state.step_in_epoch, state.partial_sums = step + 1, sums.to_dict()
