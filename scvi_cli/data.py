@@ -727,10 +727,13 @@ class DeviceCSRMinibatches(CSRMinibatches):
             cont=move(self._cont),
         )
 
-    def sharing(self, indices: np.ndarray | Sequence[int], shuffle: bool) -> "DeviceCSRMinibatches":
+    def sharing(self, indices: np.ndarray | Sequence[int], batch_size: int, shuffle: bool) -> "DeviceCSRMinibatches":
         """Minibatches of other cells of the same data, reading the same device copy (e.g. the
         validation cells beside the training cells), not a second one."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         other = copy.copy(self)
+        other.batch_size = int(batch_size)
         other.indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         if other.indices.size and (other.indices.min() < 0 or other.indices.max() >= self._n_cells):
             raise ValueError(f"indices must lie in [0, {self._n_cells})")

@@ -106,12 +106,12 @@ def test_device_minibatches_share_one_device_copy():
 
     data = _count_data()
     train = DeviceCSRMinibatches(data, np.arange(100), 25, shuffle=True, device="cpu")
-    validation = train.sharing(np.arange(100, 150), shuffle=False)
+    validation = train.sharing(np.arange(100, 150), 25, shuffle=False)
     assert validation._on_device is train._on_device and not validation.shuffle
     expected = list(CSRMinibatches(data, np.arange(100, 150), 25, shuffle=False))
     assert all(torch.equal(a.x, b.x) for a, b in zip(expected, validation, strict=True))
     with pytest.raises(ValueError, match="indices"):
-        train.sharing([200], shuffle=False)
+        train.sharing([200], 25, shuffle=False)
     X = data.X
     assert DeviceCSRMinibatches.device_bytes(data) == X.nnz * 8 + (X.shape[0] + 1) * 8 + X.shape[0] * 16 + 150 * 2 * 8 + 150 * 4
 
@@ -126,7 +126,8 @@ def test_minibatch_sources_on_the_cpu_are_host_csr_rows():
     data = _count_data()
     train, validation = minibatch_sources(data, np.arange(120), np.arange(120, 150), 16, 0, torch.device("cpu"))
     assert isinstance(train, CSRMinibatches) and train.layout == "sparse" and train.shuffle
-    assert validation.layout == "sparse" and not validation.shuffle and len(validation) == 2
+    # validation in eval mode does not depend on the minibatch size: it takes large ones
+    assert validation.layout == "sparse" and not validation.shuffle and validation.batch_size == 1024 and len(validation) == 1
     assert minibatch_sources(data, np.arange(150), np.arange(0), 16, 0, torch.device("cpu"))[1] is None
 
 
@@ -204,3 +205,26 @@ def test_precision_in_the_spec_and_tf32_refused_on_the_cpu(tmp_path):
     with pytest.raises(UsageError, match="tf32 needs a CUDA device"):
         train_from_h5ad(tmp_path / "missing.h5ad", spec, tmp_path / "m.ckpt", device="cpu")
     assert not list(tmp_path.iterdir())
+
+
+def test_run_fingerprint_hashes_the_bytes_without_copying_them():
+    import hashlib
+    import json
+
+    import numpy as np
+
+    from scvi_cli.spec import load_spec
+    from scvi_cli.training.job import run_fingerprint
+
+    data = _count_data()
+    spec = load_spec(None, [])
+    # the plain formula it replaces: every array's tobytes(), in the same order
+    digest = hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode())
+    X = data.X
+    for array in (np.asarray(X.shape), X.indptr, X.indices, X.data, data.batch_codes, data.label_codes,
+                  data.cat_cov_codes, data.cont_covs):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    digest.update("\n".join(data.gene_names).encode())
+    assert run_fingerprint(spec, data) == digest.hexdigest()
+    data.X.data[0] += 1
+    assert run_fingerprint(spec, data) != digest.hexdigest()

@@ -14,7 +14,10 @@ Genes = slice | torch.Tensor  # output rows of a per-gene layer: a slice or an i
 
 
 def linear_rows(h: torch.Tensor, linear: nn.Linear, genes: Genes) -> torch.Tensor:
-    """``linear(h)`` for the output rows ``genes`` only."""
+    """``linear(h)`` for the output rows ``genes`` only (all of them: the layer itself, so that
+    training's backward does not scatter the weight's gradient through a slice of all rows)."""
+    if isinstance(genes, slice) and genes == slice(None):
+        return linear(h)
     bias = None if linear.bias is None else linear.bias[genes]
     return F.linear(h, linear.weight[genes], bias)
 

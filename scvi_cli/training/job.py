@@ -55,6 +55,10 @@ def resume_path_for(checkpoint_path: str | Path) -> Path:
 # The share of a GPU's free memory the counts may take when kept there (the rest: the model, its
 # activations and the allocator's slack).
 DEVICE_COUNTS_SHARE = 0.5
+# Validation runs in eval mode (batch norm from its running statistics, no dropout), so its
+# figures do not depend on the minibatch size: it takes minibatches this large (or the training
+# batch size if larger), for fewer, more efficient steps (the inference default).
+VALIDATION_BATCH_SIZE = 1024
 
 
 def minibatch_sources(data: CountData, train_idx, validation_idx, batch_size: int, seed: int, device, reporter=None):
@@ -64,11 +68,13 @@ def minibatch_sources(data: CountData, train_idx, validation_idx, batch_size: in
     free memory, and minibatches are gathered on it (DeviceCSRMinibatches); otherwise (and on
     the CPU) they are gathered on the host, as CSR rows on the CPU (count_layout).
     """
+    validation_batch_size = max(batch_size, VALIDATION_BATCH_SIZE)
     if device.type == "cuda":
         need, free = DeviceCSRMinibatches.device_bytes(data), torch.cuda.mem_get_info(device)[0]
         if need <= DEVICE_COUNTS_SHARE * free:
             train = DeviceCSRMinibatches(data, train_idx, batch_size, shuffle=True, seed=seed, device=device)
-            return train, train.sharing(validation_idx, shuffle=False) if len(validation_idx) else None
+            validation = train.sharing(validation_idx, validation_batch_size, shuffle=False) if len(validation_idx) else None
+            return train, validation
         if reporter is not None:
             reporter.message(
                 f"the counts ({need / 2**30:.1f} GiB on the device) exceed {DEVICE_COUNTS_SHARE:.0%} of the "
@@ -76,7 +82,9 @@ def minibatch_sources(data: CountData, train_idx, validation_idx, batch_size: in
             )
     layout = count_layout(device)
     train = CSRMinibatches(data, train_idx, batch_size, shuffle=True, seed=seed, layout=layout)
-    validation = CSRMinibatches(data, validation_idx, batch_size, shuffle=False, layout=layout) if len(validation_idx) else None
+    validation = (
+        CSRMinibatches(data, validation_idx, validation_batch_size, shuffle=False, layout=layout) if len(validation_idx) else None
+    )
     return train, validation
 
 
@@ -96,14 +104,17 @@ def train_settings(spec: Spec, n_cells: int) -> TrainSettings:
 
 
 def run_fingerprint(spec: Spec, data: CountData) -> str:
-    """Digest of the spec and of the counts, genes and codes: a resumed run must see the same."""
+    """Digest of the spec and of the counts, genes and codes: a resumed run must see the same.
+
+    The arrays are hashed through their buffers (the bytes of ``tobytes()``, without that copy
+    of the whole matrix)."""
     digest = hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode())
     X = data.X
     for array in (np.asarray(X.shape), X.indptr, X.indices, X.data, data.batch_codes, data.label_codes):
-        digest.update(np.ascontiguousarray(array).tobytes())
+        digest.update(np.ascontiguousarray(array))
     for optional in (data.cat_cov_codes, data.cont_covs):
         if optional is not None:
-            digest.update(np.ascontiguousarray(optional).tobytes())
+            digest.update(np.ascontiguousarray(optional))
     digest.update("\n".join(data.gene_names).encode())
     return digest.hexdigest()
 
