@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
+import socket
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,12 +50,13 @@ def refuse_input_as_output(out: str | os.PathLike, *inputs: str | os.PathLike) -
             raise OutputError(f"{out}: is also the input file; choose another output path")
 
 
-def temp_name(name: str) -> str:
-    """Hidden temporary name for `name` that keeps its real suffix last.
+def _host_tag() -> str:
+    """This machine's name as it appears in temporary names (letters, digits and '_' only)."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname().split(".")[0]) or "host"
 
-    'out.h5ad' -> '.out.tmp-<pid>-<hex>.h5ad', 'x.csv.gz' -> '.x.tmp-<pid>-<hex>.csv.gz', so
-    libraries that choose a format by suffix (np.save appends '.npy' otherwise) still work.
-    """
+
+def _split_suffix(name: str) -> tuple[str, str]:
+    """'out.h5ad' -> ('out', '.h5ad'), 'x.csv.gz' -> ('x', '.csv.gz'), '.hidden' -> ('.hidden', '')."""
     stem, suffix = name, ""
     base, dot, last = name.rpartition(".")
     if dot and base:  # a leading dot marks a hidden name, not a suffix
@@ -61,7 +65,74 @@ def temp_name(name: str) -> str:
             inner_base, inner_dot, inner = base.rpartition(".")
             if inner_dot and inner_base:
                 stem, suffix = inner_base, f".{inner}{suffix}"
-    return f".{stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}{suffix}"
+    return stem, suffix
+
+
+def temp_name(name: str) -> str:
+    """Hidden temporary name for `name` that keeps its real suffix last.
+
+    'out.h5ad' -> '.out.tmp-<host>-<pid>-<hex>.h5ad', 'x.csv.gz' -> '.x.tmp-<host>-<pid>-<hex>.csv.gz',
+    so libraries that choose a format by suffix (np.save appends '.npy' otherwise) still work,
+    and a later run can tell whether the writer of a leftover temporary still runs.
+    """
+    stem, suffix = _split_suffix(name)
+    return f".{stem}.tmp-{_host_tag()}-{os.getpid()}-{secrets.token_hex(4)}{suffix}"
+
+
+def _process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    except OSError:
+        return True  # cannot tell: keep the file
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries of `path` that a killed writer left behind, and say so.
+
+    A process killed outright (SIGKILL, the out-of-memory killer, a node failure) cannot remove
+    its temporary, which may be gigabytes. A temporary of `path` whose name says it was written
+    on this machine by a process that no longer runs is removed, with a warning naming it and its
+    size. Temporaries from other machines (a shared filesystem) or from running processes are
+    left alone. Returns the removed paths.
+    """
+    target = Path(path)
+    stem, suffix = _split_suffix(target.name)
+    pattern = re.compile(rf"\.{re.escape(stem)}\.tmp-(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)-[0-9a-f]{{8}}{re.escape(suffix)}")
+    host, removed = _host_tag(), []
+    try:
+        entries = list(os.scandir(target.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match is None or match["host"] != host or _process_runs(int(match["pid"])):
+            continue
+        try:
+            size = entry.stat().st_size
+            os.unlink(entry.path)
+        except OSError:
+            continue
+        removed.append(Path(entry.path))
+        warnings.warn(
+            f"{target}: removed {entry.name} ({_human_size(size)}), an unfinished temporary left by "
+            f"process {match['pid']}, which no longer runs",
+            UserWarning,
+            stacklevel=3,
+        )
+    return removed
+
+
+def _human_size(n: int) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
 
 
 def _fsync_path(path: Path) -> None:
@@ -97,6 +168,7 @@ class AtomicFile:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         check_writable(self.path)
+        remove_stale_temporaries(self.path)
         while True:
             tmp = self.path.parent / temp_name(self.path.name)
             try:

@@ -16,7 +16,7 @@ import pytest
 import scipy.sparse as sp
 
 from scvi_cli.apply import outputs
-from scvi_cli.atomic import atomic_write, check_writable, temp_name
+from scvi_cli.atomic import atomic_write, check_writable, remove_stale_temporaries, temp_name
 from scvi_cli.errors import OutputError, UsageError
 from scvi_cli.apply.outputs import (
     SUPPORTED,
@@ -65,8 +65,59 @@ FORMATS = [".npy", ".csv", ".tsv", ".csv.gz", ".tsv.gz", ".parquet", ".h5ad"]
 def test_temp_name_keeps_the_real_suffix_last():
     assert temp_name("out.h5ad").startswith(".out.tmp-") and temp_name("out.h5ad").endswith(".h5ad")
     assert temp_name("x.csv.gz").endswith(".csv.gz") and temp_name("x.csv.gz").startswith(".x.tmp-")
-    assert f"-{os.getpid()}-" in temp_name("m.ckpt")
+    assert f"-{os.getpid()}-" in temp_name("m.ckpt") and temp_name("m.ckpt").startswith(".m.tmp-")
     assert temp_name("m.ckpt") != temp_name("m.ckpt")
+
+
+def _dead_pid() -> int:
+    import subprocess
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_stale_temporaries_of_dead_writers_on_this_host_are_removed(tmp_path):
+    from scvi_cli.atomic import _host_tag
+
+    target = tmp_path / "latent.npy"
+    host = _host_tag()
+    dead = tmp_path / f".latent.tmp-{host}-{_dead_pid()}-0123abcd.npy"
+    live = tmp_path / f".latent.tmp-{host}-{os.getpid()}-0123abcd.npy"
+    elsewhere = tmp_path / f".latent.tmp-{host}x-{_dead_pid()}-0123abcd.npy"
+    other_output = tmp_path / f".other.tmp-{host}-{_dead_pid()}-0123abcd.npy"
+    for leftover in (dead, live, elsewhere, other_output):
+        leftover.write_bytes(b"x" * 2048)
+    with pytest.warns(UserWarning, match=r"removed \.latent\.tmp-.*\(2\.0 KB\), an unfinished temporary left by process"):
+        with atomic_write(target) as tmp:
+            np.save(tmp, np.zeros(3))
+    assert target.exists() and not dead.exists()
+    assert live.exists() and elsewhere.exists() and other_output.exists()
+    assert remove_stale_temporaries(target) == []
+
+
+def test_a_writer_killed_outright_leaves_a_temporary_that_the_next_run_removes(tmp_path):
+    import signal
+    import subprocess
+    import warnings
+
+    target = tmp_path / "big.npy"
+    script = (
+        "import os, signal, sys\n"
+        "from scvi_cli.atomic import AtomicFile\n"
+        "pending = AtomicFile(sys.argv[1])\n"
+        "pending.tmp_path.write_bytes(b'0' * 100000)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script, str(target)])
+    assert run.returncode == -signal.SIGKILL
+    (leftover,) = [p for p in tmp_path.iterdir() if p.name.startswith(".big.tmp-")]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with atomic_write(target) as tmp:
+            np.save(tmp, np.ones(2))
+    assert not leftover.exists() and [p.name for p in tmp_path.iterdir()] == ["big.npy"]
+    assert any(leftover.name in str(w.message) and "100.0 KB" in str(w.message) for w in caught)
 
 
 def test_atomic_write_commits_or_leaves_the_old_file(tmp_path):
