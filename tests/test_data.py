@@ -20,8 +20,9 @@ import scipy.sparse as sp
 import torch
 
 from scvi_cli import data as D
+from scvi_cli.data import reading, sources
 from scvi_cli.errors import DataError, SpecError
-from scvi_cli.minibatch import Minibatch
+from scvi_cli.data.minibatch import Minibatch
 
 PBMC = Path(__file__).parent / "data" / "pbmc_small_seurat.h5ad"
 
@@ -158,7 +159,7 @@ def test_csc_and_dense_inputs_give_the_same_csr():
 
 
 def test_large_dense_matrix_is_converted_in_row_blocks(monkeypatch):
-    monkeypatch.setattr(D, "_CHUNK", 64)  # force several blocks on a small matrix
+    monkeypatch.setattr(reading, "_CHUNK", 64)  # force several blocks on a small matrix
     adata, dense = make_adata(n=50, g=20)
     adata.X = dense.astype(np.float32)
     np.testing.assert_array_equal(D.select_counts(adata, None, "d").toarray(), dense)
@@ -228,7 +229,7 @@ def test_invalid_values_in_a_layer(value, what, shown):
 
 
 def test_negative_integer_counts_and_first_offender_in_row_order(monkeypatch):
-    monkeypatch.setattr(D, "_CHUNK", 3)  # the offender is found across chunk boundaries
+    monkeypatch.setattr(reading, "_CHUNK", 3)  # the offender is found across chunk boundaries
     adata, dense = make_adata(n=8, g=5)
     bad = dense.astype(np.int32)
     bad[6, 1] = -1
@@ -700,7 +701,7 @@ def test_both_gathers_equal_scipy_including_empty_and_repeated_rows():
     X = sp.csr_matrix(dense)
     rows = np.concatenate([[5, 6, 5, 299, 0], rng.integers(0, 300, 120)]).astype(np.int64)
     expected = X[rows].toarray()
-    for gather in (D._gather_rows_numpy, D._gather_rows_sparsetools, D._gather_rows):
+    for gather in (sources._gather_rows_numpy, sources._gather_rows_sparsetools, sources._gather_rows):
         out = gather(X.indptr, X.indices, X.data, 40, rows)
         assert out.dtype == np.float32
         np.testing.assert_array_equal(out, expected)

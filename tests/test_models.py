@@ -9,7 +9,7 @@ import torch
 from scipy import stats
 from scipy.special import expit, logsumexp
 
-from scvi_cli.minibatch import Minibatch
+from scvi_cli.data.minibatch import Minibatch
 from scvi_cli.models import LDVAE, VAE, VAEC
 
 REFERENCE = json.loads((Path(__file__).parent / "data" / "scvi_tools_state_dicts.json").read_text())

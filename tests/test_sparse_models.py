@@ -10,9 +10,10 @@ import scipy.sparse as sp
 import torch
 
 from scvi_cli import data as D
+from scvi_cli.data import sources
 from scvi_cli.apply import queries
 from scvi_cli.device import count_layout
-from scvi_cli.minibatch import Minibatch
+from scvi_cli.data.minibatch import Minibatch
 from scvi_cli.models import LDVAE, VAE, VAEC
 from scvi_cli.nn.sparse_input import SparseRows, is_column_major
 
@@ -143,12 +144,12 @@ def test_row_subset_kernels_agree():
     X = sp.random(200, 30, density=0.1, format="csr", dtype=np.float32, random_state=3)
     rows = np.array([5, 5, 0, 199, 17, 17, 3], dtype=np.int64)
     expected = X[rows]
-    for subset in (D._row_subset_numpy, D._row_subset_sparsetools):
+    for subset in (sources._row_subset_numpy, sources._row_subset_sparsetools):
         indptr, indices, values = subset(X.indptr, X.indices, X.data, rows)
         np.testing.assert_array_equal(indptr, expected.indptr)
         np.testing.assert_array_equal(indices, expected.indices)
         np.testing.assert_array_equal(values, expected.data)
-        for densify in (D._densify_numpy, D._densify_sparsetools):
+        for densify in (sources._densify_numpy, sources._densify_sparsetools):
             np.testing.assert_array_equal(densify(indptr, indices, values, 30), expected.toarray())
 
 

@@ -28,7 +28,7 @@ from torch import nn
 from scvi_cli.data import CountData, iterate_in_order
 from scvi_cli.device import count_layout, retain_memory_for_wide_minibatches
 from scvi_cli.errors import ScviCliError, UsageError
-from scvi_cli.minibatch import Minibatch
+from scvi_cli.data.minibatch import Minibatch
 from scvi_cli.models import VAEC, VAEBase
 from scvi_cli.models.vae import CHUNK_ELEMENTS, LN_MC_SAMPLES
 from scvi_cli.nn.decoders import LinearDecoderSCVI

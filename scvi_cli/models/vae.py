@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scvi_cli.minibatch import Minibatch
+from scvi_cli.data.minibatch import Minibatch
 from scvi_cli.models.expression import TransformBatch, average_expression
 from scvi_cli.models.outputs import LossOutput, gaussian_kl, gaussian_kl_to_standard, gaussian_log_prob
 from scvi_cli.nn import DecoderSCVI, Encoder, NegativeBinomial, Poisson, ZeroInflatedNegativeBinomial, one_hot

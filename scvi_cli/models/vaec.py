@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from scvi_cli.minibatch import Minibatch
+from scvi_cli.data.minibatch import Minibatch
 from scvi_cli.models.kmeans import kmeans
 from scvi_cli.models.outputs import LossOutput, gaussian_kl_to_standard, gaussian_log_prob
 from scvi_cli.models.expression import TransformBatch, average_expression

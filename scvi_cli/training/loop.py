@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from scvi_cli.minibatch import Minibatch, MinibatchSource
+from scvi_cli.data.minibatch import Minibatch, MinibatchSource
 from scvi_cli.models.outputs import LossOutput
 
 METRICS = ("reconstruction_loss", "kl_local", "elbo")
