@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 from torch import nn
 
-from scvi_cli.data import CountData, library_log_priors
+from scvi_cli.data import CountData
+from scvi_cli.data.counts import library_log_priors_from_totals
 from scvi_cli.errors import DataError
 from scvi_cli.models import LDVAE, VAE, VAEC
 from scvi_cli.spec import Spec
@@ -110,7 +111,7 @@ def model_kwargs(spec: Spec, data: CountData) -> dict:
                 f"{data.source}: the latent library's prior needs at least 2 cells per batch; "
                 f"obs[{spec.data.batch_key!r}] has {', '.join(small)}"
             )
-        means, variances = library_log_priors(data.X, data.batch_codes, data.n_batch)
+        means, variances = library_log_priors_from_totals(data.cell_totals(), data.batch_codes, data.n_batch)
         flat = [data.categories["batch"][b] for b in np.flatnonzero(variances[0] < MIN_LIBRARY_LOG_VAR)]
         if flat:
             where = "every cell" if data.n_batch == 1 else f"every cell of batch {', '.join(map(repr, flat))}"

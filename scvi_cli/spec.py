@@ -160,6 +160,7 @@ class DataSpec(_Section):
     labels_key: Name | None = None
     categorical_covariate_keys: list[Name] = []
     continuous_covariate_keys: list[Name] = []
+    backed: StrictBool = False  # train from the file on disk, without loading the counts
 
 
 class TrainSpec(_Section):

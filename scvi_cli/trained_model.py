@@ -35,15 +35,25 @@ class TrainedModel:
     def model_type(self) -> str:
         return self.checkpoint.model_type
 
-    def load_query(self, data_path: str | Path, allow_missing_genes: bool = False) -> tuple[AnnData, CountData]:
+    def load_query(
+        self, data_path: str | Path, allow_missing_genes: bool = False, backed: bool = False
+    ) -> tuple[AnnData, CountData]:
         """(AnnData, CountData) of ``data_path`` shaped for this model: read once, the AnnData
         kept for h5ad outputs.
 
         Genes are matched to the model's by name (any order); missing genes are an error unless
         ``allow_missing_genes`` fills them with zeros (with a warning saying how many); unknown
-        batch or label categories are an error naming them.
+        batch or label categories are an error naming them. With ``backed`` the counts stay on
+        disk (the AnnData is backed, the CountData reads rows as needed).
         """
-        adata = read_h5ad(data_path)
+        adata = read_h5ad(data_path, backed=backed)
+        if backed:
+            from scvi_cli.data.backed import backed_count_data
+
+            return adata, backed_count_data(
+                adata, self.spec.data, str(data_path), categories=self.checkpoint.categories,
+                gene_names=self.checkpoint.gene_names, allow_missing_genes=allow_missing_genes,
+            )
         query = count_data_from_anndata(
             adata,
             self.spec.data,

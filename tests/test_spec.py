@@ -83,6 +83,7 @@ DATA_DEFAULTS = {
     "labels_key": None,
     "categorical_covariate_keys": [],
     "continuous_covariate_keys": [],
+    "backed": False,
 }
 TRAIN_DEFAULTS = {
     "max_epochs": None,

@@ -35,6 +35,7 @@ def embed(
     device: str = options.Device,
     threads: Optional[int] = options.Threads,
     allow_missing_genes: bool = options.AllowMissingGenes,
+    backed: bool = options.Backed,
     quiet: bool = options.Quiet,
 ) -> None:
     """Write the posterior mean of the latent z (or one sample) of every cell."""
@@ -49,7 +50,7 @@ def embed(
     if minimal and fmt != ".h5ad":
         raise UsageError(f"--minimal applies to .h5ad outputs only, not {out}")
     trained, torch_device = options.load_model(model, device, threads)
-    adata, query = trained.load_query(data, allow_missing_genes)
+    adata, query = trained.load_query(data, allow_missing_genes, backed=backed)
     if fmt == ".h5ad" and not minimal:
         refuse_existing(data, "obsm", adata.obsm, [obsm_key], "--obsm-key")
 

@@ -26,13 +26,14 @@ def evaluate(
     device: str = options.Device,
     threads: Optional[int] = options.Threads,
     allow_missing_genes: bool = options.AllowMissingGenes,
+    backed: bool = options.Backed,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Per-cell reconstruction NLL, KL, negative ELBO and marginal log-likelihood on any h5ad."""
     from scvi_cli.apply.evaluation import evaluate_model
 
     trained, torch_device = options.load_model(model, device, threads)
-    _, query = trained.load_query(data, allow_missing_genes=allow_missing_genes)
+    _, query = trained.load_query(data, allow_missing_genes=allow_missing_genes, backed=backed)
     metrics = evaluate_model(
         trained.module, query, n_mc_samples=n_mc_samples, batch_size=batch_size, seed=seed, device=torch_device
     )

@@ -47,6 +47,7 @@ def impute(
     device: str = options.Device,
     threads: Optional[int] = options.Threads,
     allow_missing_genes: bool = options.AllowMissingGenes,
+    backed: bool = options.Backed,
     quiet: bool = options.Quiet,
 ) -> None:
     """Write denoised normalized expression (px_scale x library size), deterministic by default."""
@@ -62,7 +63,7 @@ def impute(
     model_genes = list(trained.checkpoint.gene_names)
     gene_index = None if wanted is None else queries.gene_indices(model_genes, wanted)
     gene_names = model_genes if wanted is None else wanted
-    adata, query = trained.load_query(data, allow_missing_genes)
+    adata, query = trained.load_query(data, allow_missing_genes, backed=backed)
     if fmt == ".h5ad":
         refuse_existing(data, "layers", adata.layers, [layer_name], "--layer-name")
 

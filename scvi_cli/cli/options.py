@@ -11,6 +11,9 @@ AllowMissingGenes = typer.Option(
     False, "--allow-missing-genes", help="Fill model genes that the data lacks with zeros (and say how many)."
 )
 Quiet = typer.Option(False, "--quiet", "-q", help="No progress output.")
+Backed = typer.Option(
+    False, "--backed", help="Read the counts from the file as needed instead of loading them (memory stays flat with cells)."
+)
 Model = typer.Argument(..., help="Checkpoint written by `scvi-cli train`.")
 QueryData = typer.Argument(..., help="h5ad with the model's genes (matched by name, any order).")
 

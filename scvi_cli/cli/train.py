@@ -37,6 +37,7 @@ def train(
     ),
     force: bool = typer.Option(False, "--force", help="With --resume: accept a state written for another spec or data."),
     deterministic: bool = typer.Option(False, "--deterministic", help="Deterministic GPU kernels (slower)."),
+    backed: bool = options.Backed,
     log_file: Optional[Path] = typer.Option(
         None, "--log-file", help="Append the command line, versions and per-epoch metrics to this file."
     ),
@@ -50,7 +51,8 @@ def train(
     from scvi_cli.progress import make_reporter
     from scvi_cli.spec import load_spec
 
-    spec_obj = load_spec(spec, list(overrides) + ([f"train.seed={seed}"] if seed is not None else []))
+    shortcuts = ([f"train.seed={seed}"] if seed is not None else []) + (["data.backed=true"] if backed else [])
+    spec_obj = load_spec(spec, list(overrides) + shortcuts)
     from scvi_cli.training.job import train_from_h5ad
 
     reporter = make_reporter(quiet)

@@ -26,7 +26,7 @@ class CountData:
     are dropped, and outputs written back next to the input must be aligned with this mask.
     """
 
-    X: sp.csr_matrix  # (n, G) float32 counts
+    X: Any  # (n, G) float32 counts: a scipy CSR matrix, or BackedRows (on disk, see data/backed.py)
     obs_names: list[str]
     gene_names: list[str]
     batch_codes: np.ndarray  # (n,) int64
@@ -38,6 +38,15 @@ class CountData:
     cont_cov_keys: list[str] = field(default_factory=list)
     source: str = "<memory>"
     kept_cells: np.ndarray | None = None  # (n_input,) bool
+
+    @property
+    def backed(self) -> bool:
+        """Whether the counts stay on disk (X is a BackedRows, read by row ranges)."""
+        return not sp.issparse(self.X)
+
+    def cell_totals(self) -> np.ndarray:
+        """(n,) float64 total count of every cell."""
+        return self.X.totals if self.backed else row_sums(self.X)
 
     @property
     def n_cells(self) -> int:
@@ -99,18 +108,7 @@ def count_data_from_anndata(
     path = source
     layer, batch_key, labels_key, cat_keys, cont_keys = _spec_keys(data_spec)
     obs = adata.obs
-    # Fail on a misspelled key before touching the counts.
-    for key, spec_field in (
-        [(batch_key, "data.batch_key"), (labels_key, "data.labels_key")]
-        + [(k, "data.categorical_covariate_keys") for k in cat_keys]
-        + [(k, "data.continuous_covariate_keys") for k in cont_keys]
-    ):
-        if key is not None:
-            _obs_column(obs, key, spec_field, path)
-    if categories is not None:
-        for key in ["batch", "labels", *cat_keys]:
-            if key not in categories:
-                raise DataError(f"{path}: the model has no categories for {key!r}; it was trained without it")
+    _check_obs_keys(obs, batch_key, labels_key, cat_keys, cont_keys, path, categories)
 
     X, genes, label = _validated_counts(adata, layer, path, gene_names, allow_missing_genes)
     obs_names = [str(o) for o in adata.obs_names]
@@ -125,6 +123,31 @@ def count_data_from_anndata(
         X = X[kept]
         obs = obs.iloc[np.flatnonzero(kept)]
         obs_names = [o for o, k in zip(obs_names, kept) if k]
+
+    codes = _obs_codes(obs, batch_key, labels_key, cat_keys, cont_keys, path, categories)
+    return CountData(
+        X=X, obs_names=obs_names, gene_names=genes, **codes, cat_cov_keys=cat_keys, cont_cov_keys=cont_keys,
+        source=source, kept_cells=kept,
+    )
+
+
+def _check_obs_keys(obs, batch_key, labels_key, cat_keys, cont_keys, path: str, categories) -> None:
+    """Fail on a misspelled key (or one the model was trained without) before touching the counts."""
+    for key, spec_field in (
+        [(batch_key, "data.batch_key"), (labels_key, "data.labels_key")]
+        + [(k, "data.categorical_covariate_keys") for k in cat_keys]
+        + [(k, "data.continuous_covariate_keys") for k in cont_keys]
+    ):
+        if key is not None:
+            _obs_column(obs, key, spec_field, path)
+    if categories is not None:
+        for key in ["batch", "labels", *cat_keys]:
+            if key not in categories:
+                raise DataError(f"{path}: the model has no categories for {key!r}; it was trained without it")
+
+
+def _obs_codes(obs, batch_key, labels_key, cat_keys, cont_keys, path: str, categories) -> dict:
+    """CountData's code fields for the cells of ``obs``: batch, label and covariate codes, categories."""
 
     def trained(key: str) -> list[str] | None:
         return None if categories is None else [str(c) for c in categories[key]]
@@ -142,20 +165,9 @@ def count_data_from_anndata(
             columns.append(codes)
         cat_cov_codes = np.stack(columns, axis=1)
     cont_covs = np.stack([_continuous(obs, k, path) for k in cont_keys], axis=1) if cont_keys else None
-
-    return CountData(
-        X=X,
-        obs_names=obs_names,
-        gene_names=genes,
-        batch_codes=batch_codes,
-        label_codes=label_codes,
-        cat_cov_codes=cat_cov_codes,
-        cont_covs=cont_covs,
+    return dict(
+        batch_codes=batch_codes, label_codes=label_codes, cat_cov_codes=cat_cov_codes, cont_covs=cont_covs,
         categories=cats,
-        cat_cov_keys=cat_keys,
-        cont_cov_keys=cont_keys,
-        source=source,
-        kept_cells=kept,
     )
 
 
@@ -166,8 +178,17 @@ def load_count_data(
     categories: dict[str, list[str]] | None = None,
     gene_names: Sequence[str] | None = None,
     allow_missing_genes: bool = False,
+    backed: bool = False,
 ) -> CountData:
-    """read_h5ad + count_data_from_anndata: the one call the CLI makes for its input file."""
+    """read_h5ad + count_data_from_anndata: the one call the CLI makes for its input file. With
+    ``backed`` the counts stay on disk, checked in one streaming pass (data/backed.py)."""
+    if backed:
+        from scvi_cli.data.backed import backed_count_data
+
+        return backed_count_data(
+            read_h5ad(path, backed=True), data_spec, str(path),
+            categories=categories, gene_names=gene_names, allow_missing_genes=allow_missing_genes,
+        )
     adata = read_h5ad(path)
     return count_data_from_anndata(
         adata,
@@ -187,10 +208,15 @@ def library_log_priors(X: sp.spmatrix, batch_codes: np.ndarray, n_batch: int) ->
     """Per batch: mean and population variance (ddof 0) of log total counts; each (1, n_batch)
     float32. These are the Normal prior of a latent library size."""
     X = X if sp.issparse(X) and X.format == "csr" else sp.csr_matrix(X)
+    return library_log_priors_from_totals(row_sums(X), batch_codes, n_batch)
+
+
+def library_log_priors_from_totals(totals: np.ndarray, batch_codes: np.ndarray, n_batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """library_log_priors from each cell's total count (e.g. CountData.cell_totals())."""
     codes = np.asarray(batch_codes, dtype=np.int64).reshape(-1)
-    if codes.shape[0] != X.shape[0]:
-        raise ValueError(f"batch_codes has {codes.shape[0]} entries for {X.shape[0]} cells")
-    totals = row_sums(X)
+    totals = np.asarray(totals, dtype=np.float64).reshape(-1)
+    if codes.shape[0] != totals.shape[0]:
+        raise ValueError(f"batch_codes has {codes.shape[0]} entries for {totals.shape[0]} cells")
     if (totals <= 0).any():
         raise DataError(f"{int((totals <= 0).sum())} cells have zero total counts; cannot take the log library size")
     if codes.size and (codes.min() < 0 or codes.max() >= n_batch):

@@ -235,6 +235,13 @@ def _select_genes(
 
     Missing genes are an error, or zero columns with a warning when allow_missing is set.
     """
+    return gene_selector(genes, wanted, allow_missing, path, label)(X)
+
+
+def gene_selector(genes: list[str], wanted: Sequence[str], allow_missing: bool, path: str, label: str):
+    """A function CSR (cells x `genes`) -> CSR (cells x `wanted`), columns matched by name; the
+    checks (and the warning about missing genes) happen here, once, so that a matrix read in
+    chunks is mapped chunk by chunk alike."""
     wanted = [str(g) for g in wanted]
     position = {g: i for i, g in enumerate(wanted)}
     # Only genes the model uses have to be unambiguous.
@@ -254,17 +261,21 @@ def _select_genes(
         warnings.warn(
             f"{path}: {len(missing)} of the model's {len(wanted)} genes are missing; filled with zeros",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
     column_of = {g: j for j, g in enumerate(genes)}
     dest = np.array([i for i, g in enumerate(wanted) if g in column_of], dtype=np.int64)
     src = np.array([column_of[wanted[i]] for i in dest], dtype=np.int64)
     if len(wanted) == len(genes) and np.array_equal(src, np.arange(len(genes))):
-        return X  # already the model's genes, in its order
-    out = X[:, src]  # scipy's compiled column gather: present genes, in the model's order
-    if missing:
-        # Spread the present columns to their places among the model's genes; dest is
-        # increasing, so the remap keeps each row's indices in order.
-        out = sp.csr_matrix((out.data, dest[out.indices], out.indptr), shape=(X.shape[0], len(wanted)))
-    out.sort_indices()
-    return out
+        return lambda X: X  # already the model's genes, in its order
+
+    def select(X: sp.csr_matrix) -> sp.csr_matrix:
+        out = X[:, src]  # scipy's compiled column gather: present genes, in the model's order
+        if missing:
+            # Spread the present columns to their places among the model's genes; dest is
+            # increasing, so the remap keeps each row's indices in order.
+            out = sp.csr_matrix((out.data, dest[out.indices], out.indptr), shape=(X.shape[0], len(wanted)))
+        out.sort_indices()
+        return out
+
+    return select

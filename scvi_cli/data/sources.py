@@ -31,6 +31,18 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
 LAYOUTS = ("dense", "sparse")
 
 
+def checked_cells(indices, n_cells: int, batch_size: int, layout: str) -> np.ndarray:
+    """A minibatch source's cells as int64, after checking them and its batch size and layout."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    cells = np.asarray(indices, dtype=np.int64).reshape(-1)
+    if cells.size and (cells.min() < 0 or cells.max() >= n_cells):
+        raise ValueError(f"indices must lie in [0, {n_cells})")
+    return cells
+
+
 class CSRMinibatches:
     """Minibatches of `indices` (rows of data.X): only the B selected rows are gathered.
 
@@ -48,13 +60,7 @@ class CSRMinibatches:
         drop_last: bool = False,
         layout: str = "dense",
     ):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        if layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
-        self.indices = np.asarray(indices, dtype=np.int64).reshape(-1)
-        if self.indices.size and (self.indices.min() < 0 or self.indices.max() >= data.n_cells):
-            raise ValueError(f"indices must lie in [0, {data.n_cells})")
+        self.indices = checked_cells(indices, data.n_cells, batch_size, layout)
         self.batch_size = int(batch_size)
         self.shuffle = shuffle
         self.seed = int(seed)
@@ -68,14 +74,8 @@ class CSRMinibatches:
         self._indices = X.indices.astype(index_dtype, copy=False)
         self._data = X.data
         self._n_genes = X.shape[1]
-        self._batch = torch.from_numpy(np.ascontiguousarray(data.batch_codes, dtype=np.int64).reshape(-1, 1))
-        self._labels = torch.from_numpy(np.ascontiguousarray(data.label_codes, dtype=np.int64).reshape(-1, 1))
-        self._cat = None if data.cat_cov_codes is None else torch.from_numpy(
-            np.ascontiguousarray(data.cat_cov_codes, dtype=np.int64)
-        )
-        self._cont = None if data.cont_covs is None else torch.from_numpy(
-            np.ascontiguousarray(data.cont_covs, dtype=np.float32)
-        )
+        covariates = covariate_tensors(data)
+        self._batch, self._labels, self._cat, self._cont = (covariates[k] for k in ("batch", "labels", "cat", "cont"))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -95,21 +95,42 @@ class CSRMinibatches:
             yield self._minibatch(rows)
 
     def _minibatch(self, rows: np.ndarray) -> Minibatch:
-        t = torch.from_numpy(rows)
         sub = _row_subset(self._indptr, self._indices, self._data, rows)
-        x = csr_rows = None
-        if self.layout == "dense":
-            x = torch.from_numpy(_densify(*sub, self._n_genes))
-        else:
-            csr_rows = SparseRows(*(torch.from_numpy(a) for a in sub), self._n_genes, check=False)
-        return Minibatch(
-            x=x,
-            batch_index=self._batch[t],
-            labels=self._labels[t],
-            cat_covs=None if self._cat is None else self._cat[t],
-            cont_covs=None if self._cont is None else self._cont[t],
-            rows=csr_rows,
-        )
+        return assemble_minibatch(sub, self._n_genes, self.layout, self.covariates, torch.from_numpy(rows))
+
+    @property
+    def covariates(self) -> dict[str, torch.Tensor | None]:
+        """Every cell's codes and covariates as tensors, indexed by cell."""
+        return dict(batch=self._batch, labels=self._labels, cat=self._cat, cont=self._cont)
+
+
+def covariate_tensors(data: CountData) -> dict[str, torch.Tensor | None]:
+    """The codes and covariates of every cell of ``data`` as tensors (batch and labels (n, 1))."""
+    return dict(
+        batch=torch.from_numpy(np.ascontiguousarray(data.batch_codes, dtype=np.int64).reshape(-1, 1)),
+        labels=torch.from_numpy(np.ascontiguousarray(data.label_codes, dtype=np.int64).reshape(-1, 1)),
+        cat=None if data.cat_cov_codes is None else torch.from_numpy(np.ascontiguousarray(data.cat_cov_codes, dtype=np.int64)),
+        cont=None if data.cont_covs is None else torch.from_numpy(np.ascontiguousarray(data.cont_covs, dtype=np.float32)),
+    )
+
+
+def assemble_minibatch(sub, n_genes: int, layout: str, covariates: dict, cells: torch.Tensor) -> Minibatch:
+    """A Minibatch from the CSR arrays ``sub`` (indptr, indices, data) of its cells' counts and
+    the covariates of ``cells`` (their positions in the data set)."""
+    x = csr_rows = None
+    if layout == "dense":
+        x = torch.from_numpy(_densify(*sub, n_genes))
+    else:
+        csr_rows = SparseRows(*(torch.from_numpy(np.asarray(a)) for a in sub), n_genes, check=False)
+    pick = lambda t: None if t is None else t[cells]  # noqa: E731
+    return Minibatch(
+        x=x,
+        batch_index=pick(covariates["batch"]),
+        labels=pick(covariates["labels"]),
+        cat_covs=pick(covariates["cat"]),
+        cont_covs=pick(covariates["cont"]),
+        rows=csr_rows,
+    )
 
 
 class DeviceCSRMinibatches(CSRMinibatches):
@@ -149,13 +170,9 @@ class DeviceCSRMinibatches(CSRMinibatches):
     def sharing(self, indices: np.ndarray | Sequence[int], batch_size: int, shuffle: bool) -> "DeviceCSRMinibatches":
         """Minibatches of other cells of the same data, reading the same device copy (e.g. the
         validation cells beside the training cells), not a second one."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         other = copy.copy(self)
+        other.indices = checked_cells(indices, self._n_cells, batch_size, self.layout)
         other.batch_size = int(batch_size)
-        other.indices = np.asarray(indices, dtype=np.int64).reshape(-1)
-        if other.indices.size and (other.indices.min() < 0 or other.indices.max() >= self._n_cells):
-            raise ValueError(f"indices must lie in [0, {self._n_cells})")
         other.shuffle, other.epoch = shuffle, 0
         return other
 
@@ -268,10 +285,12 @@ def _pick_kernels():
 _row_subset, _densify, _gather_rows = _pick_kernels()
 
 
-def iterate_in_order(
-    data: CountData, batch_size: int, indices: np.ndarray | None = None, layout: str = "dense"
-) -> CSRMinibatches:
+def iterate_in_order(data: CountData, batch_size: int, indices: np.ndarray | None = None, layout: str = "dense"):
     """All cells (or `indices`) in their order, for inference: no shuffle, nothing dropped."""
     if indices is None:
         indices = np.arange(data.n_cells, dtype=np.int64)
+    if data.backed:
+        from scvi_cli.data.backed import CHUNK_ROWS, BackedMinibatches
+
+        return BackedMinibatches(data, indices, batch_size, shuffle=False, layout=layout, block_cells=CHUNK_ROWS, buffer_blocks=1)
     return CSRMinibatches(data, indices, batch_size, shuffle=False, layout=layout)

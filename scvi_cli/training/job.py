@@ -69,6 +69,16 @@ def minibatch_sources(data: CountData, train_idx, validation_idx, batch_size: in
     the CPU) they are gathered on the host, as CSR rows on the CPU (count_layout).
     """
     validation_batch_size = max(batch_size, VALIDATION_BATCH_SIZE)
+    layout = count_layout(device)
+    if data.backed:  # read from disk on the host, whatever the device
+        from scvi_cli.data.backed import BackedMinibatches
+
+        train = BackedMinibatches(data, train_idx, batch_size, shuffle=True, seed=seed, layout=layout)
+        validation = (
+            BackedMinibatches(data, validation_idx, validation_batch_size, shuffle=False, layout=layout)
+            if len(validation_idx) else None
+        )
+        return train, validation
     if device.type == "cuda":
         need, free = DeviceCSRMinibatches.device_bytes(data), torch.cuda.mem_get_info(device)[0]
         if need <= DEVICE_COUNTS_SHARE * free:
@@ -80,7 +90,6 @@ def minibatch_sources(data: CountData, train_idx, validation_idx, batch_size: in
                 f"the counts ({need / 2**30:.1f} GiB on the device) exceed {DEVICE_COUNTS_SHARE:.0%} of the "
                 f"GPU's free memory ({free / 2**30:.1f} GiB): minibatches are gathered on the host"
             )
-    layout = count_layout(device)
     train = CSRMinibatches(data, train_idx, batch_size, shuffle=True, seed=seed, layout=layout)
     validation = (
         CSRMinibatches(data, validation_idx, validation_batch_size, shuffle=False, layout=layout) if len(validation_idx) else None
@@ -110,8 +119,10 @@ def run_fingerprint(spec: Spec, data: CountData) -> str:
     of the whole matrix)."""
     digest = hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode())
     X = data.X
-    for array in (np.asarray(X.shape), X.indptr, X.indices, X.data, data.batch_codes, data.label_codes):
-        digest.update(np.ascontiguousarray(array))
+    # backed counts were hashed in their streaming pass (a digest of their own, by chunks)
+    counts = (X.digest.encode(),) if data.backed else (X.indptr, X.indices, X.data)
+    for array in (np.asarray(X.shape), *counts, data.batch_codes, data.label_codes):
+        digest.update(array if isinstance(array, bytes) else np.ascontiguousarray(array))
     for optional in (data.cat_cov_codes, data.cont_covs):
         if optional is not None:
             digest.update(np.ascontiguousarray(optional))
@@ -177,7 +188,7 @@ def train_from_h5ad(
     limit_threads(threads)
     set_deterministic(deterministic)
 
-    data = load_count_data(data_path, spec.data)
+    data = load_count_data(data_path, spec.data, backed=spec.data.backed)
     fingerprint = run_fingerprint(spec, data)
     seed = spec.train.seed
     settings = train_settings(spec, data.n_cells)

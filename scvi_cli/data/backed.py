@@ -1,0 +1,280 @@
+"""Counts that stay on disk: an .h5ad's matrix checked in one streaming pass, then read in
+contiguous row ranges, so that memory does not grow with the number of cells' counts.
+
+The pass (``backed_count_data``) reads the matrix once in chunks of CHUNK_ROWS rows: it maps
+genes to the model's, validates the values, takes every cell's total (zero-count cells are
+dropped, library priors come from these totals) and hashes the counts for the run fingerprint.
+What stays in memory is per cell (codes, totals, names), never per count.
+
+``BackedMinibatches`` is the MinibatchSource over such counts. Its epoch order:
+
+* the cells (sorted) are cut into blocks of ``block_cells`` consecutive cells, each read as one
+  contiguous range of rows;
+* with shuffling, the blocks come in a random order (numpy's default_rng([seed, epoch])), taken
+  ``buffer_blocks`` at a time into a window whose cells are shuffled together (cells left over
+  when a window does not fill a whole minibatch join the next window). A cell's minibatch
+  companions are thus drawn from ``block_cells * buffer_blocks`` cells (16,384 by default), not
+  from all cells; every cell is seen exactly once per epoch, and the order is a function of
+  (seed, epoch) only;
+* without shuffling, cells come in their order: the same minibatches as CSRMinibatches.
+
+A background thread reads the next window while the current one is consumed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from scvi_cli.data.counts import CountData, _check_obs_keys, _obs_codes, _spec_keys
+from scvi_cli.data.minibatch import Minibatch
+from scvi_cli.data.reading import (
+    _canonical_float32,
+    _check_not_empty,
+    _check_unique_genes,
+    _locate_counts,
+    _validate_values,
+    gene_selector,
+    row_sums,
+)
+from scvi_cli.data.sources import _row_subset, assemble_minibatch, checked_cells, covariate_tensors
+from scvi_cli.errors import DataError
+
+CHUNK_ROWS = 8192  # rows per read of the streaming pass and of in-order iteration
+
+
+class BackedRows:
+    """The validated count matrix of an .h5ad file on disk, read by ranges of rows.
+
+    ``shape``: (kept cells, genes); ``file_rows``: the file row of each kept cell (increasing);
+    ``totals``: each kept cell's total count; ``digest``: sha256 of the counts as read;
+    ``nnz``: stored values of the kept cells.
+    """
+
+    def __init__(self, matrix, select, n_genes: int, file_rows: np.ndarray, totals: np.ndarray, digest: str, nnz: int):
+        self._matrix = matrix
+        self._select = select
+        self.n_genes = n_genes
+        self.file_rows = file_rows
+        self.totals = totals
+        self.digest = digest
+        self.nnz = nnz
+        self._lock = threading.Lock()  # one reader of the file at a time
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.file_rows.size), self.n_genes)
+
+    def read_file_rows(self, start: int, stop: int) -> sp.csr_matrix:
+        """File rows [start, stop) as float32 CSR over the model's genes (not yet validated)."""
+        with self._lock:
+            chunk = self._matrix[start:stop]
+        chunk = chunk.tocsr() if sp.issparse(chunk) else sp.csr_matrix(np.asarray(chunk))
+        return _canonical_float32(self._select(chunk))
+
+    def read_cells(self, cells: np.ndarray) -> sp.csr_matrix:
+        """The rows of ``cells`` (increasing positions among the kept cells), from one contiguous read."""
+        rows = self.file_rows[cells]
+        start, stop = int(rows[0]), int(rows[-1]) + 1
+        block = self.read_file_rows(start, stop)
+        return block if rows.size == stop - start else block[rows - start]
+
+
+def _own_handle(path: str, layer):
+    """The count matrix of the file at ``path`` through a read-only handle of our own: the
+    AnnData's handle may be closed or moved by h5ad writers while the rows are still read."""
+    import h5py
+    from anndata.io import sparse_dataset
+
+    key = "X" if layer is None else "raw/X" if layer == "raw" else f"layers/{layer}"
+    element = h5py.File(path, "r")[key]
+    return sparse_dataset(element) if isinstance(element, h5py.Group) else element
+
+
+def _backed_matrix(adata, layer, path: str):
+    matrix, genes, label = _locate_counts(adata, layer, path)
+    fmt = getattr(matrix, "format", None)
+    if fmt is not None or hasattr(matrix, "shape"):
+        matrix = _own_handle(path, layer)
+        fmt = getattr(matrix, "format", None)
+    if fmt == "csc":
+        raise DataError(
+            f"{path}: {label} is stored by columns (CSC); backed mode reads cells (rows): rewrite it as CSR "
+            "(adata.X = adata.X.tocsr()) or read it into memory (without --backed)"
+        )
+    if fmt is None and not hasattr(matrix, "shape"):
+        raise DataError(f"{path}: {label} has an unsupported type {type(matrix).__name__} for backed mode")
+    return matrix, genes, label
+
+
+def backed_count_data(
+    adata,
+    data_spec: Any,
+    source: str,
+    *,
+    categories: dict[str, list[str]] | None = None,
+    gene_names: Sequence[str] | None = None,
+    allow_missing_genes: bool = False,
+) -> CountData:
+    """CountData over a backed (read-only, on disk) AnnData: the same checks, codes and dropped
+    cells as count_data_from_anndata, in one streaming pass over the matrix."""
+    path = source
+    layer, batch_key, labels_key, cat_keys, cont_keys = _spec_keys(data_spec)
+    obs = adata.obs
+    _check_obs_keys(obs, batch_key, labels_key, cat_keys, cont_keys, path, categories)
+    matrix, genes, label = _backed_matrix(adata, layer, path)
+    n_file = int(matrix.shape[0])
+    _check_not_empty(matrix, path, label)
+    if gene_names is not None:
+        select, genes = gene_selector(genes, gene_names, allow_missing_genes, path, label), [str(g) for g in gene_names]
+    else:
+        _check_unique_genes(genes, path, label)
+        select = lambda X: X  # noqa: E731
+    rows = BackedRows(matrix, select, len(genes), np.arange(n_file, dtype=np.int64), np.zeros(0), "", 0)
+    obs_names = [str(o) for o in adata.obs_names]
+    totals = np.empty(n_file, dtype=np.float64)
+    digest, nnz = hashlib.sha256(), np.zeros(n_file, dtype=np.int64)
+    for start in range(0, n_file, CHUNK_ROWS):
+        stop = min(start + CHUNK_ROWS, n_file)
+        chunk = rows.read_file_rows(start, stop)
+        _validate_values(chunk, obs_names[start:stop], genes, path, label)
+        totals[start:stop] = row_sums(chunk)
+        nnz[start:stop] = np.diff(chunk.indptr)
+        for array in (np.diff(chunk.indptr), chunk.indices, chunk.data):
+            digest.update(np.ascontiguousarray(array))
+    kept = totals > 0
+    n_dropped = int((~kept).sum())
+    if n_dropped == n_file:
+        raise DataError(f"{path}: all {n_dropped} cells have zero total counts in {label}")
+    if n_dropped:
+        warnings.warn(f"{path}: dropped {n_dropped} cells with zero total counts", UserWarning, stacklevel=2)
+        obs = obs.iloc[np.flatnonzero(kept)]
+        obs_names = [o for o, k in zip(obs_names, kept) if k]
+    rows.file_rows = np.flatnonzero(kept).astype(np.int64)
+    rows.totals = totals[kept]
+    rows.digest = digest.hexdigest()
+    rows.nnz = int(nnz[kept].sum())
+    codes = _obs_codes(obs, batch_key, labels_key, cat_keys, cont_keys, path, categories)
+    return CountData(
+        X=rows, obs_names=obs_names, gene_names=genes, **codes, cat_cov_keys=cat_keys, cont_cov_keys=cont_keys,
+        source=source, kept_cells=kept,
+    )
+
+
+class BackedMinibatches:
+    """Minibatches of ``indices`` (cells of a backed CountData) read from disk; see the module
+    docstring for the epoch order. ``layout`` as for CSRMinibatches."""
+
+    def __init__(
+        self,
+        data: CountData,
+        indices: np.ndarray | Sequence[int],
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
+        drop_last: bool = False,
+        layout: str = "sparse",
+        block_cells: int = 1024,
+        buffer_blocks: int = 16,
+        prefetch: bool = True,
+    ):
+        if not isinstance(data.X, BackedRows):
+            raise TypeError("BackedMinibatches reads a backed CountData (load it with backed=True)")
+        if block_cells < 1 or buffer_blocks < 1:
+            raise ValueError("block_cells and buffer_blocks must be at least 1")
+        self.indices = np.sort(checked_cells(indices, data.n_cells, batch_size, layout))
+        self.rows = data.X
+        self.batch_size, self.shuffle, self.seed, self.drop_last = int(batch_size), shuffle, int(seed), drop_last
+        self.layout, self.block_cells, self.buffer_blocks, self.prefetch = layout, int(block_cells), int(buffer_blocks), prefetch
+        self.epoch = 0
+        self._covariates = covariate_tensors(data)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        n = self.indices.size
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def windows(self) -> list[np.ndarray]:
+        """This epoch's windows: arrays of cells (increasing within each block), in reading order."""
+        blocks = [self.indices[i : i + self.block_cells] for i in range(0, self.indices.size, self.block_cells)]
+        order = np.arange(len(blocks))
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(len(blocks))
+        step = self.buffer_blocks
+        return [[blocks[b] for b in order[k : k + step]] for k in range(0, len(order), step)]
+
+    def _read_windows(self) -> Iterator[tuple[list[np.ndarray], sp.csr_matrix]]:
+        for window in self.windows():
+            yield window, sp.vstack([self.rows.read_cells(block) for block in window], format="csr")
+
+    def __iter__(self) -> Iterator[Minibatch]:
+        rng = np.random.default_rng([self.seed, self.epoch, 1])
+        carry_cells, carry = np.zeros(0, dtype=np.int64), None
+        for window, counts in _prefetched(self._read_windows()) if self.prefetch else self._read_windows():
+            cells = np.concatenate([carry_cells, *window])
+            counts = counts if carry is None else sp.vstack([carry, counts], format="csr")
+            order = rng.permutation(cells.size) if self.shuffle else np.arange(cells.size)
+            full = cells.size // self.batch_size * self.batch_size
+            for b in range(0, full, self.batch_size):
+                yield self._minibatch(counts, cells, order[b : b + self.batch_size])
+            rest = order[full:]
+            carry_cells, carry = cells[rest], counts[rest] if rest.size else None
+        if carry_cells.size and not self.drop_last:
+            yield self._minibatch(carry, carry_cells, np.arange(carry_cells.size))
+
+    def _minibatch(self, counts: sp.csr_matrix, cells: np.ndarray, picked: np.ndarray) -> Minibatch:
+        sub = _row_subset(counts.indptr.astype(np.int64), counts.indices.astype(np.int64), counts.data, picked.astype(np.int64))
+        return assemble_minibatch(sub, counts.shape[1], self.layout, self._covariates, torch.from_numpy(cells[picked]))
+
+
+def _prefetched(items: Iterator, depth: int = 1) -> Iterator:
+    """Yield from ``items``, produced one step ahead in a background thread (reading overlaps
+    compute: h5py and torch release the GIL in their native code). Stops the thread when the
+    consumer stops early; re-raises the producer's exceptions in the consumer."""
+    out: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce():
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        out.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            out.put((done, None))
+        except BaseException as error:  # handed to the consumer
+            out.put((done, error))
+
+    thread = threading.Thread(target=produce, name="scvi-cli-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = out.get()
+            if item is done:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                out.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        thread.join()
