@@ -24,8 +24,18 @@ def load_model(model, device: str, threads, expected_type=None):
     Returns ``(trained_model, torch_device)``.
     """
     from scvi_cli.device import limit_threads, resolve_device
+    from scvi_cli.errors import UsageError
     from scvi_cli.trained_model import load_trained_model
+    from scvi_cli.training.distributed import ranks_from_environment
 
+    ranks = ranks_from_environment()
+    if ranks is not None:
+        # Inference streams the cells once (about 25k cells/s per CPU process at 9k genes, far more
+        # on a GPU): N processes would each write the whole output. Only training is distributed.
+        raise UsageError(
+            f"this command runs in one process, not under torchrun / srun (WORLD_SIZE={ranks.world_size}); "
+            "start it directly (only train is distributed)"
+        )
     torch_device = resolve_device(device)
     limit_threads(threads)
     return load_trained_model(model, expected_type, device=torch_device), torch_device

@@ -53,8 +53,12 @@ def train(
 
     shortcuts = ([f"train.seed={seed}"] if seed is not None else []) + (["data.backed=true"] if backed else [])
     spec_obj = load_spec(spec, list(overrides) + shortcuts)
+    from scvi_cli.training.distributed import ranks_from_environment
     from scvi_cli.training.job import train_from_h5ad
 
+    ranks = ranks_from_environment()
+    if ranks is not None and not ranks.is_main:  # a torchrun rank other than 0: it trains, rank 0 speaks
+        quiet, as_json, log_file = True, False, None
     reporter = make_reporter(quiet)
     if log_file is not None:
         reporter = open_log(log_file, reporter)

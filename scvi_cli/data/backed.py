@@ -45,7 +45,7 @@ from scvi_cli.data.reading import (
     gene_selector,
     row_sums,
 )
-from scvi_cli.data.sources import _row_subset, assemble_minibatch, checked_cells, covariate_tensors
+from scvi_cli.data.sources import CSRMinibatches, _row_subset, assemble_minibatch, checked_cells, covariate_tensors
 from scvi_cli.errors import DataError
 
 CHUNK_ROWS = 8192  # rows per read of the streaming pass and of in-order iteration
@@ -197,12 +197,8 @@ class BackedMinibatches:
         self.epoch = 0
         self._covariates = covariate_tensors(data)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        n = self.indices.size
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+    rank, world_size, drop_remainder = 0, 1, True
+    set_epoch, shard, steps, __len__ = CSRMinibatches.set_epoch, CSRMinibatches.shard, CSRMinibatches.steps, CSRMinibatches.__len__
 
     def windows(self) -> list[np.ndarray]:
         """This epoch's windows: arrays of cells (increasing within each block), in reading order."""
@@ -219,17 +215,21 @@ class BackedMinibatches:
 
     def __iter__(self) -> Iterator[Minibatch]:
         rng = np.random.default_rng([self.seed, self.epoch, 1])
+        wanted = set(self.steps())
         carry_cells, carry = np.zeros(0, dtype=np.int64), None
+        number = 0  # of the minibatch in the whole epoch (before sharding)
         for window, counts in _prefetched(self._read_windows()) if self.prefetch else self._read_windows():
             cells = np.concatenate([carry_cells, *window])
             counts = counts if carry is None else sp.vstack([carry, counts], format="csr")
             order = rng.permutation(cells.size) if self.shuffle else np.arange(cells.size)
             full = cells.size // self.batch_size * self.batch_size
             for b in range(0, full, self.batch_size):
-                yield self._minibatch(counts, cells, order[b : b + self.batch_size])
+                if number in wanted:
+                    yield self._minibatch(counts, cells, order[b : b + self.batch_size])
+                number += 1
             rest = order[full:]
             carry_cells, carry = cells[rest], counts[rest] if rest.size else None
-        if carry_cells.size and not self.drop_last:
+        if carry_cells.size and not self.drop_last and number in wanted:
             yield self._minibatch(carry, carry_cells, np.arange(carry_cells.size))
 
     def _minibatch(self, counts: sp.csr_matrix, cells: np.ndarray, picked: np.ndarray) -> Minibatch:

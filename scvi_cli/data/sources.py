@@ -31,6 +31,11 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
 LAYOUTS = ("dense", "sparse")
 
 
+def all_minibatches(n_cells: int, batch_size: int, drop_last: bool) -> int:
+    """Minibatches of an epoch over n_cells cells, before any sharding."""
+    return n_cells // batch_size if drop_last else -(-n_cells // batch_size)
+
+
 def checked_cells(indices, n_cells: int, batch_size: int, layout: str) -> np.ndarray:
     """A minibatch source's cells as int64, after checking them and its batch size and layout."""
     if batch_size < 1:
@@ -77,12 +82,30 @@ class CSRMinibatches:
         covariates = covariate_tensors(data)
         self._batch, self._labels, self._cat, self._cont = (covariates[k] for k in ("batch", "labels", "cat", "cont"))
 
+    rank, world_size, drop_remainder = 0, 1, True  # see shard()
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    def shard(self, rank: int, world_size: int, drop_remainder: bool = True):
+        """Keep every world_size-th minibatch of the epoch, from the rank-th on (one rank of a
+        distributed run). With ``drop_remainder`` every rank gets the same number (the epoch's
+        last few are left out when the count does not divide: training steps must pair up);
+        without, every minibatch goes to some rank (evaluation). Returns self."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must lie in [0, {world_size}), got {rank}")
+        self.rank, self.world_size, self.drop_remainder = int(rank), int(world_size), drop_remainder
+        return self
+
     def __len__(self) -> int:
-        n = self.indices.size
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return len(self.steps())
+
+    def steps(self) -> range:
+        """The epoch's minibatch numbers this source yields."""
+        total = all_minibatches(self.indices.size, self.batch_size, self.drop_last)
+        if self.drop_remainder:
+            total = total // self.world_size * self.world_size
+        return range(self.rank, total, self.world_size)
 
     def epoch_cells(self) -> np.ndarray:
         """The cells of this epoch in their order (shuffled by (seed, epoch) when shuffling)."""
@@ -90,7 +113,7 @@ class CSRMinibatches:
 
     def __iter__(self) -> Iterator[Minibatch]:
         order = self.epoch_cells()
-        for b in range(len(self)):
+        for b in self.steps():
             rows = order[b * self.batch_size : (b + 1) * self.batch_size]
             yield self._minibatch(rows)
 
@@ -187,7 +210,7 @@ class DeviceCSRMinibatches(CSRMinibatches):
     def __iter__(self) -> Iterator[Minibatch]:
         order = self.epoch_cells()
         order_on_device = torch.from_numpy(np.ascontiguousarray(order)).to(self.device)
-        for b in range(len(self)):
+        for b in self.steps():
             span = slice(b * self.batch_size, (b + 1) * self.batch_size)
             yield self._gather(order[span], order_on_device[span])
 

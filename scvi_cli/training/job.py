@@ -26,6 +26,7 @@ from scvi_cli.model_factory import build_model, model_kwargs
 from scvi_cli.training.preemption import TrainingStopped, stop_on_signals
 from scvi_cli.progress import SilentReporter
 from scvi_cli.spec import Spec, resolved_max_epochs, resolved_train_size
+from scvi_cli.training import distributed
 from scvi_cli.training.loop import TrainingState, TrainSettings, fit
 
 
@@ -182,7 +183,32 @@ def train_from_h5ad(
         refuse_input_as_output(path, data_path)
     if checkpoint_every is not None and checkpoint_every < 1:
         raise UsageError(f"--checkpoint-every {checkpoint_every}: must be at least 1")
+    ranks = distributed.ranks_from_environment()
     torch_device = resolve_device(device)
+    if ranks is not None:
+        if torch_device.type == "cuda":  # one GPU per process, by its local rank
+            torch_device = torch.device("cuda", ranks.local_rank)
+            torch.cuda.set_device(torch_device)
+        distributed.start(ranks, torch_device)
+        if not ranks.is_main:  # one voice and one writer: rank 0
+            reporter = SilentReporter()
+    try:
+        return _train(
+            data_path, spec, out_path, history_path, resume_path, torch_device, ranks, threads=threads,
+            reporter=reporter, checkpoint_every=checkpoint_every, resume=resume, force=force,
+            deterministic=deterministic, handle_signals=handle_signals,
+        )
+    finally:
+        if ranks is not None:
+            distributed.stop()
+
+
+def _train(
+    data_path, spec, out_path, history_path, resume_path, torch_device, ranks, *, threads, reporter,
+    checkpoint_every, resume, force, deterministic, handle_signals,
+) -> TrainResult:
+    """train_from_h5ad's work once the paths, the device and the process group are settled."""
+    writes = ranks is None or ranks.is_main
     if spec.train.precision == "tf32" and torch_device.type != "cuda":
         raise UsageError(f"train.precision=tf32 needs a CUDA device; this run is on {torch_device} (use 32 or bf16-mixed)")
     limit_threads(threads)
@@ -212,6 +238,20 @@ def train_from_h5ad(
     train_batches, validation_batches = minibatch_sources(
         data, train_idx, validation_idx, spec.train.batch_size, seed, torch_device, reporter
     )
+    if ranks is not None:
+        train_batches.shard(ranks.rank, ranks.world_size)
+        if len(train_batches) == 0:
+            raise DataError(
+                f"{data_path}: {len(train_idx)} training cells make fewer minibatches of {spec.train.batch_size} "
+                f"than there are processes ({ranks.world_size}); lower train.batch_size or use fewer processes"
+            )
+        if validation_batches is not None:
+            validation_batches.shard(ranks.rank, ranks.world_size, drop_remainder=False)
+        distributed.synchronise_batch_norm(model, torch_device)
+        if not ranks.is_main:  # its own dropout and posterior draws (rank 0's follow the seed as alone)
+            at = (state.epoch, state.step_in_epoch) if state else (0, 0)
+            torch.manual_seed(int(np.random.default_rng([seed, ranks.rank, *at]).integers(2**63)))
+        reporter.message(f"distributed: {ranks.world_size} processes, every rank takes 1 in {ranks.world_size} minibatches")
     reporter.message(
         f"{spec.model.type}: {data.n_cells} cells x {data.n_genes} genes, {data.n_batch} batch(es), "
         f"{len(train_idx)} train / {len(validation_idx)} validation cells, {settings.max_epochs} epochs on {torch_device}"
@@ -256,7 +296,7 @@ def train_from_h5ad(
 
     def on_epoch_end(state: TrainingState, metrics: dict[str, float]) -> None:
         reporter.epoch(state.epoch - 1, metrics)
-        if checkpoint_every and state.epoch % checkpoint_every == 0 and state.epoch < settings.max_epochs:
+        if writes and checkpoint_every and state.epoch % checkpoint_every == 0 and state.epoch < settings.max_epochs:
             save_checkpoint(resume_path, checkpoint(state, started, resumable=True))
 
     reporter.start(settings.max_epochs, first_epoch=state.epoch if state else 0)
@@ -277,16 +317,18 @@ def train_from_h5ad(
         finally:
             reporter.close()
         if state.interrupted:
-            save_checkpoint(resume_path, checkpoint(state, started, resumable=True))
-            write_history_csv(history_path, state.history)
+            if writes:
+                save_checkpoint(resume_path, checkpoint(state, started, resumable=True))
+                write_history_csv(history_path, state.history)
             raise TrainingStopped(
                 f"received {stop_request.name}: saved resumable state to {resume_path} "
                 f"(epoch {state.epoch + 1}, step {state.step_in_epoch}); rerun the same command with --resume to continue",
                 exit_code=stop_request.exit_code,
             )
-        save_checkpoint(out_path, checkpoint(state, started, resumable=False))
-        write_history_csv(history_path, state.history)
-        resume_path.unlink(missing_ok=True)
+        if writes:
+            save_checkpoint(out_path, checkpoint(state, started, resumable=False))
+            write_history_csv(history_path, state.history)
+            resume_path.unlink(missing_ok=True)
     return TrainResult(out_path, history_path, state.history, facts(state, started))
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from scvi_cli.data.minibatch import Minibatch, MinibatchSource
+from scvi_cli.training import distributed
 from scvi_cli.models.outputs import LossOutput
 
 METRICS = ("reconstruction_loss", "kl_local", "elbo")
@@ -134,7 +135,8 @@ class _MetricSums:
     """
 
     def __init__(self, saved: dict[str, float] | None = None):
-        saved = dict(saved or {})
+        # the saved sums of an interrupted distributed epoch are over all ranks: rank 0 takes them
+        saved = dict(saved or {}) if not distributed.active() or distributed.dist.get_rank() == 0 else {}
         self.n_cells = int(saved.pop("n_cells", 0))
         self._saved = [float(saved.get(name, 0.0)) for name in METRICS]
         self._sums: torch.Tensor | None = None
@@ -147,15 +149,22 @@ class _MetricSums:
         self._sums += terms.to(self._sums.dtype)
         self.n_cells += out.reconstruction_loss.shape[0]
 
-    def totals(self) -> dict[str, float]:
-        values = self._saved if self._sums is None else self._sums.tolist()
-        return dict(zip(METRICS, values))
+    def totals(self) -> tuple[dict[str, float], int]:
+        """The sums and the cell count, over every rank of a distributed run."""
+        if not distributed.active():
+            values = self._saved if self._sums is None else self._sums.tolist()
+            return dict(zip(METRICS, values)), self.n_cells
+        local = self._sums if self._sums is not None else torch.tensor(self._saved, dtype=torch.float64)
+        both = distributed.sum_over_ranks(torch.cat([local, local.new_tensor([float(self.n_cells)])])).tolist()
+        return dict(zip(METRICS, both[:-1])), int(both[-1])
 
     def to_dict(self) -> dict[str, float]:
-        return {**self.totals(), "n_cells": self.n_cells}
+        sums, n_cells = self.totals()
+        return {**sums, "n_cells": n_cells}
 
     def averages(self) -> dict[str, float]:
-        return {name: total / max(self.n_cells, 1) for name, total in self.totals().items()}
+        sums, n_cells = self.totals()
+        return {name: total / max(n_cells, 1) for name, total in sums.items()}
 
 
 @torch.no_grad()
@@ -196,6 +205,9 @@ def fit(
         optimizer.load_state_dict(state.optimizer_state)
     monitor = settings.early_stopping and validation_batches is not None
 
+    # In a distributed run, DDP wraps the step (gradients averaged over the ranks) and the
+    # ranks agree on stopping at every step.
+    parallel_step = distributed.data_parallel(model, torch.device(device)) if distributed.active() else None
     state.interrupted = False
     while state.epoch < settings.max_epochs and not state.stopped_early:
         started = time.perf_counter()
@@ -208,12 +220,14 @@ def fit(
             if step < state.step_in_epoch:
                 continue
             with arithmetic(settings.precision, device):
-                out = model.loss_for(batch.to(device), kl_weight=weight)
+                batch = batch.to(device)
+                out = parallel_step(batch, weight) if parallel_step is not None else model.loss_for(batch, kl_weight=weight)
                 optimizer.zero_grad(set_to_none=True)
                 out.loss.backward()
                 optimizer.step()
             sums.add(out)
-            if should_stop is not None and should_stop():
+            stop = should_stop is not None and should_stop()
+            if distributed.any_rank(stop, device):
                 state.step_in_epoch, state.partial_sums = step + 1, sums.to_dict()
                 state.optimizer_state = optimizer.state_dict()
                 state.seconds += time.perf_counter() - started
@@ -223,7 +237,7 @@ def fit(
 
         metrics = {f"{name}_train": value for name, value in sums.averages().items()}
         metrics["kl_weight"] = weight
-        if validation_batches is not None and len(validation_batches) > 0:
+        if validation_batches is not None and distributed.any_rank(len(validation_batches) > 0, device):
             validation = evaluate_elbo(model, validation_batches, device)
             metrics.update({f"{name}_validation": value for name, value in validation.items()})
         state.seconds += time.perf_counter() - started
