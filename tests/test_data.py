@@ -705,3 +705,19 @@ def test_both_gathers_equal_scipy_including_empty_and_repeated_rows():
         out = gather(X.indptr, X.indices, X.data, 40, rows)
         assert out.dtype == np.float32
         np.testing.assert_array_equal(out, expected)
+
+
+def test_minibatch_kernels_take_one_index_dtype_without_widening_the_indices():
+    X = sp.random(30, 8, density=0.3, format="csr", dtype=np.float32, random_state=2)
+    mixed = sp.csr_matrix((X.data, X.indices.astype(np.int32), X.indptr.astype(np.int64)), shape=X.shape)
+    indptr, indices = sources.one_index_dtype(mixed)
+    assert indptr.dtype == indices.dtype == np.int32 and indices is mixed.indices  # no copy of the indices
+    np.testing.assert_array_equal(indptr, X.indptr)
+    rows = np.array([3, 0, 29, 3])
+    expected = X[rows].toarray()
+    for layout in ("dense", "sparse"):
+        data = D.CountData(X=mixed, obs_names=[str(i) for i in range(30)], gene_names=list("abcdefgh"),
+                           batch_codes=np.zeros(30, dtype=np.int64), label_codes=np.zeros(30, dtype=np.int64),
+                           cat_cov_codes=None, cont_covs=None, categories={"batch": ["0"], "labels": ["0"]})
+        (batch,) = list(D.CSRMinibatches(data, rows, 4, shuffle=False, layout=layout))
+        np.testing.assert_array_equal(batch.x.numpy(), expected)

@@ -31,6 +31,19 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
 LAYOUTS = ("dense", "sparse")
 
 
+def one_index_dtype(X: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+    """(indptr, indices) in one integer dtype, as the compiled kernels want, converting the small
+    one: indptr (cells + 1 entries) takes the indices' dtype when its values fit (an int64
+    indptr beside int32 indices is common in h5ad files), instead of widening all indices."""
+    indptr, indices = X.indptr, X.indices
+    if indptr.dtype == indices.dtype:
+        return indptr, indices
+    if indptr.size == 0 or int(indptr[-1]) <= np.iinfo(indices.dtype).max:
+        return indptr.astype(indices.dtype), indices
+    wide = np.promote_types(indptr.dtype, indices.dtype)
+    return indptr.astype(wide, copy=False), indices.astype(wide, copy=False)
+
+
 def all_minibatches(n_cells: int, batch_size: int, drop_last: bool) -> int:
     """Minibatches of an epoch over n_cells cells, before any sharding."""
     return n_cells // batch_size if drop_last else -(-n_cells // batch_size)
@@ -73,10 +86,7 @@ class CSRMinibatches:
         self.layout = layout
         self.epoch = 0
         X = data.X if data.X.dtype == np.float32 else data.X.astype(np.float32)
-        # The compiled kernels want one index dtype for indptr and indices.
-        index_dtype = np.promote_types(X.indptr.dtype, X.indices.dtype)
-        self._indptr = X.indptr.astype(index_dtype, copy=False)
-        self._indices = X.indices.astype(index_dtype, copy=False)
+        self._indptr, self._indices = one_index_dtype(X)
         self._data = X.data
         self._n_genes = X.shape[1]
         covariates = covariate_tensors(data)
