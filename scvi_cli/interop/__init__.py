@@ -1,0 +1,1 @@
+"""Model files of other tools, read and written safely."""
