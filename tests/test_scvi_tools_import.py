@@ -164,3 +164,114 @@ def test_truncated_foreign_and_old_layout_files_get_one_line_errors(tmp_path):
         assert stop.value.code == 1
         assert not (tmp_path / "x.ckpt").exists()
     shutil.rmtree(truncated)
+
+
+# ---------------------------------------------------------------- export
+
+
+ST_LOAD = """
+import sys, warnings
+import anndata as ad, numpy as np, scvi
+warnings.filterwarnings("ignore")
+model = getattr(scvi.model, sys.argv[1]).load(sys.argv[2], adata=ad.read_h5ad(sys.argv[3]), accelerator="cpu")
+np.save(sys.argv[4], model.get_latent_representation())
+"""
+
+
+def _scvi_tools_python() -> str | None:
+    """A Python with scvi-tools (SCVI_TOOLS_PYTHON), for the round trip through scvi-tools itself."""
+    import subprocess
+
+    python = os.environ.get("SCVI_TOOLS_PYTHON")
+    if not python:
+        return None
+    probe = subprocess.run([python, "-c", "import scvi"], capture_output=True)
+    return python if probe.returncode == 0 else None
+
+
+@pytest.fixture(scope="module")
+def trained_with_covariates(tmp_path_factory):
+    from scvi_cli.spec import load_spec
+    from scvi_cli.training.job import train_from_h5ad
+
+    path = tmp_path_factory.mktemp("own") / "own.ckpt"
+    spec = load_spec(None, ["train.max_epochs=2", "data.batch_key=batch", "data.categorical_covariate_keys=[cell_type]",
+                            "data.continuous_covariate_keys=[nCount_RNA]", "model.dispersion=gene-batch"])
+    train_from_h5ad(Path(__file__).parent / "data" / "pbmc_small_seurat.h5ad", spec, path, threads=1, device="cpu")
+    return path
+
+
+@pytest.mark.parametrize("name", list(EXPECTED_TYPES) + ["own"])
+def test_export_then_import_gives_the_same_model(tmp_path, imported, trained_with_covariates, name):
+    from scvi_cli.checkpoint import load_checkpoint
+    from scvi_cli.interop.scvi_tools import export_model
+
+    source = load_checkpoint(trained_with_covariates) if name == "own" else imported[name][0].checkpoint
+    export_model(source, tmp_path / "dir")
+    again = import_model(tmp_path / "dir")
+    assert again.model_type == source.model_type and again.gene_names == source.gene_names
+    assert again.categories == source.categories
+    assert again.spec["model"] == source.spec["model"] and again.spec["data"] == source.spec["data"]
+    assert again.state_dict.keys() == source.state_dict.keys()
+    for key, value in source.state_dict.items():
+        assert torch.equal(again.state_dict[key], value), key
+
+
+def test_export_refuses_what_scvi_tools_cannot_load(tmp_path, imported):
+    import dataclasses
+
+    from scvi_cli.interop.scvi_tools import export_model
+
+    checkpoint = imported["scvi"][0].checkpoint
+    spec = {**checkpoint.spec, "data": {**checkpoint.spec["data"], "categorical_covariate_keys": ["letter.idents"]}}
+    dotted = dataclasses.replace(checkpoint, spec=spec, categories={**checkpoint.categories, "letter.idents": ["A", "B"]})
+    with pytest.raises(CheckpointError, match="keys with a dot"):
+        export_model(dotted, tmp_path / "a")
+    spec = {**checkpoint.spec, "model": {**checkpoint.spec["model"], "var_activation": "softplus"}}
+    with pytest.raises(CheckpointError, match="var_activation"):
+        export_model(dataclasses.replace(checkpoint, spec=spec), tmp_path / "b")
+    spec = {**checkpoint.spec, "model": {**checkpoint.spec["model"], "scale_activation": "softplus"}}
+    with pytest.raises(CheckpointError, match="scale_activation softplus"):
+        export_model(dataclasses.replace(checkpoint, spec=spec), tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_export_refuses_to_replace_without_overwrite(tmp_path, imported):
+    from scvi_cli.cli import main
+    from scvi_cli.errors import OutputError
+    from scvi_cli.interop.scvi_tools import export_model
+
+    checkpoint = imported["scvi"][0].checkpoint
+    target = export_model(checkpoint, tmp_path / "dir")
+    before = target.read_bytes()
+    with pytest.raises(OutputError, match="exists; pass --overwrite"):
+        export_model(checkpoint, tmp_path / "dir")
+    assert target.read_bytes() == before
+    save_checkpoint(tmp_path / "m.ckpt", checkpoint)
+    with pytest.raises(SystemExit) as stop:
+        main(["export", str(tmp_path / "m.ckpt"), "--to", "scvi-tools", "--out", str(tmp_path / "dir"), "--overwrite"])
+    assert stop.value.code == 0 and [p.name for p in (tmp_path / "dir").iterdir()] == ["model.pt"]
+    with pytest.raises(SystemExit) as stop:
+        main(["export", str(tmp_path / "m.ckpt"), "--to", "anndata", "--out", str(tmp_path / "x")])
+    assert stop.value.code == 2
+
+
+@pytest.mark.skipif(_scvi_tools_python() is None, reason="set SCVI_TOOLS_PYTHON to a Python with scvi-tools for the round trip")
+@pytest.mark.parametrize("name,cls", [("own", "SCVI"), ("linear_scvi", "LinearSCVI"), ("condscvi", "CondSCVI")])
+def test_scvi_tools_loads_the_export_and_gives_the_same_latent(tmp_path, imported, trained_with_covariates, name, cls):
+    import subprocess
+
+    from scvi_cli.checkpoint import load_checkpoint
+    from scvi_cli.interop.scvi_tools import export_model
+
+    if name == "own":
+        checkpoint, cells = load_checkpoint(trained_with_covariates), Path(__file__).parent / "data" / "pbmc_small_seurat.h5ad"
+        model = load_trained_model(trained_with_covariates)
+        ours = queries.latent_representation(model.module, model.load_query(cells)[1])
+    else:
+        checkpoint, cells = imported[name][0].checkpoint, CELLS
+        ours = queries.latent_representation(imported[name][0].module, imported[name][1])
+    export_model(checkpoint, tmp_path / "dir")
+    subprocess.run([_scvi_tools_python(), "-c", ST_LOAD, cls, str(tmp_path / "dir"), str(cells), str(tmp_path / "z.npy")],
+                   check=True, capture_output=True, timeout=300)
+    assert np.abs(np.load(tmp_path / "z.npy") - ours).max() <= 1e-5

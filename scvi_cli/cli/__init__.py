@@ -15,7 +15,7 @@ import typer
 from typer.exceptions import TyperException
 
 from scvi_cli import __version__
-from scvi_cli.cli import embed, evaluate, import_model, impute, info, loadings, sample, train, vamp_prior
+from scvi_cli.cli import embed, evaluate, export, import_model, impute, info, loadings, sample, train, vamp_prior
 from scvi_cli.device import set_thread_variables
 from scvi_cli.errors import ScviCliError, first_line
 
@@ -61,6 +61,7 @@ COMMANDS = [
     ("vamp-prior", vamp_prior.vamp_prior, vamp_prior.EPILOG),
     ("info", info.info, info.EPILOG),
     ("import-model", import_model.import_model, import_model.EPILOG),
+    ("export", export.export, export.EPILOG),
 ]
 for _name, _function, _epilog in COMMANDS:
     app.command(name=_name, epilog=_epilog)(_function)

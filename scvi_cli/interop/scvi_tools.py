@@ -231,3 +231,125 @@ def _module_kwargs(spec: Spec, genes: list[str], categories: dict, data_spec: di
         kwargs.update(library_log_means=state_dict["library_log_means"].float().tolist(),
                       library_log_vars=state_dict["library_log_vars"].float().tolist())
     return kwargs
+
+
+# --------------------------------------------------------------------------------------------
+# Export: a scvi-cli checkpoint -> an scvi-tools model directory
+
+_EXPORT_NAMES = {value: key for key, value in MODEL_NAMES.items()}
+
+
+def _categorical_field(name: str, key: str | None, categories: list[str]) -> dict:
+    """One categorical obs field's registry entry as scvi-tools writes it (no key: one category 0)."""
+    if key is None:
+        mapping, original = np.array([0]), f"_scvi_{name}"
+    else:
+        mapping, original = np.array(categories, dtype=object), key
+    return {
+        "data_registry": {"attr_name": "obs", "attr_key": f"_scvi_{name}"},
+        "state_registry": {"categorical_mapping": mapping, "original_key": original},
+        "summary_stats": {f"n_{name}": len(mapping)},
+    }
+
+
+def scvi_tools_payload(checkpoint: Checkpoint) -> dict:
+    """The dict scvi-tools' ``Model.load`` reads from ``model.pt``: the weights, var_names, and a
+    registry and init_params_ equal to what setup_anndata and the constructor would record."""
+    model_type = checkpoint.model_type
+    if model_type not in _EXPORT_NAMES:
+        raise CheckpointError(f"model type {model_type!r} has no scvi-tools counterpart")
+    spec, kwargs = checkpoint.spec, checkpoint.model_kwargs
+    model, data = spec["model"], spec["data"]
+    genes = np.array(checkpoint.gene_names, dtype=object)
+    layer = data.get("layer")
+    if layer == "raw":
+        raise CheckpointError("a model trained on raw.X cannot be exported: scvi-tools reads X or a layer")
+    if model_type != "condscvi" and (model.get("var_activation", "exp") != "exp" or model.get("var_eps", 1e-4) != 1e-4):
+        raise CheckpointError("var_activation / var_eps other than exp / 1e-4 have no scvi-tools setting")
+    batch_key, labels_key = data.get("batch_key"), data.get("labels_key")
+    cat_keys, cont_keys = list(data.get("categorical_covariate_keys") or []), list(data.get("continuous_covariate_keys") or [])
+    fields = {
+        "X": {
+            "data_registry": {"attr_name": "layers" if layer else "X", "attr_key": layer},
+            "state_registry": {"n_obs": int(checkpoint.training.get("n_cells", 0)), "n_vars": len(genes), "column_names": genes},
+            "summary_stats": {"n_vars": len(genes), "n_cells": int(checkpoint.training.get("n_cells", 0))},
+        },
+        "batch": _categorical_field("batch", batch_key, checkpoint.categories["batch"]),
+        "labels": _categorical_field("labels", labels_key, checkpoint.categories["labels"]),
+        "size_factor": {"data_registry": {}, "state_registry": {}, "summary_stats": {}},
+    }
+    dotted = [k for k in cat_keys if "." in k]
+    if dotted:  # its registry is an ml_collections ConfigDict, which refuses dotted keys
+        raise CheckpointError(
+            f"scvi-tools cannot load categorical covariate keys with a dot ({', '.join(map(repr, dotted))}): "
+            "retrain with the column renamed"
+        )
+    if model_type == "scvi":
+        fields["extra_categorical_covs"] = (
+            {"data_registry": {"attr_name": "obsm", "attr_key": "_scvi_extra_categorical_covs"},
+             "state_registry": {"mappings": {k: np.array(checkpoint.categories[k], dtype=object) for k in cat_keys},
+                                "field_keys": cat_keys, "n_cats_per_key": [len(checkpoint.categories[k]) for k in cat_keys]},
+             "summary_stats": {"n_extra_categorical_covs": len(cat_keys)}}
+            if cat_keys else {"data_registry": {}, "state_registry": {}, "summary_stats": {"n_extra_categorical_covs": 0}}
+        )
+        fields["extra_continuous_covs"] = (
+            {"data_registry": {"attr_name": "obsm", "attr_key": "_scvi_extra_continuous_covs"},
+             "state_registry": {"columns": np.array(cont_keys, dtype=object)},
+             "summary_stats": {"n_extra_continuous_covs": len(cont_keys)}}
+            if cont_keys else {"data_registry": {}, "state_registry": {}, "summary_stats": {"n_extra_continuous_covs": 0}}
+        )
+        setup = {"layer": layer, "batch_key": batch_key, "labels_key": labels_key, "size_factor_key": None,
+                 "categorical_covariate_keys": cat_keys or None, "continuous_covariate_keys": cont_keys or None}
+        non_kwargs = {k: model[k] for k in ("n_hidden", "n_latent", "n_layers", "dropout_rate", "dispersion",
+                                            "gene_likelihood", "use_observed_lib_size", "latent_distribution")}
+        extra = {k: model[k] for k in ("log_variational", "encode_covariates", "deeply_inject_covariates",
+                                       "use_batch_norm", "use_layer_norm")}
+        if model["scale_activation"] != "softmax":  # scvi-tools' VAE sets it itself (softplus only with size factors)
+            raise CheckpointError("scale_activation softplus has no scvi-tools setting (its VAE uses softmax)")
+    elif model_type == "ldvae":
+        if cat_keys or cont_keys:
+            raise CheckpointError("LinearSCVI takes no covariates: this LDVAE cannot be exported")
+        setup = {"batch_key": batch_key, "labels_key": labels_key, "layer": layer}
+        non_kwargs = {"n_hidden": model["n_hidden"], "n_latent": model["n_latent"], "n_layers": model["n_layers_encoder"],
+                      "dropout_rate": model["dropout_rate"], "dispersion": model["dispersion"],
+                      "gene_likelihood": model["gene_likelihood"], "use_observed_lib_size": model["use_observed_lib_size"],
+                      "latent_distribution": model["latent_distribution"]}
+        extra = {k: model[k] for k in ("log_variational", "use_batch_norm", "bias")}
+    else:
+        setup = {"batch_key": batch_key, "labels_key": labels_key, "fine_labels_key": None, "layer": layer,
+                 "unlabeled_category": "unlabeled", "size_factor_key": None}
+        non_kwargs = {k: model[k] for k in ("n_hidden", "n_latent", "n_layers", "weight_obs", "dropout_rate")}
+        extra = {"log_variational": model["log_variational"]} if not model["log_variational"] else {}
+        fields = {k: fields[k] for k in ("X", "labels", "batch", "size_factor")}
+    registry = {
+        "scvi_version": "1.5.1",
+        "model_name": _EXPORT_NAMES[model_type],
+        "setup_args": setup,
+        "field_registries": fields,
+        "setup_method_name": "setup_anndata",
+    }
+    del kwargs  # the module's own arguments follow from the settings and the registry
+    return {
+        "model_state_dict": {k: v.detach().cpu().clone() for k, v in checkpoint.state_dict.items()},
+        "var_names": genes,
+        "attr_dict": {"registry_": registry, "init_params_": {"non_kwargs": non_kwargs, "kwargs": {"kwargs": extra}},
+                      "is_trained_": True},
+    }
+
+
+def export_model(checkpoint: Checkpoint, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write ``out_dir/model.pt`` for scvi-tools (atomically); an existing one needs ``overwrite``."""
+    from scvi_cli.atomic import atomic_write
+    from scvi_cli.errors import OutputError
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"{out_dir}: exists and is not a directory")
+    target = out_dir / "model.pt"
+    if target.exists() and not overwrite:
+        raise OutputError(f"{target}: exists; pass --overwrite to replace it")
+    payload = scvi_tools_payload(checkpoint)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_write(target) as tmp:
+        torch.save(payload, tmp)
+    return target
