@@ -18,8 +18,10 @@ def export(
     out: Path = typer.Option(..., "--out", "-o", help="Directory to write model.pt into (created if missing)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing model.pt in --out."),
 ) -> None:
-    """Write the model as an scvi-tools model directory that SCVI / LinearSCVI / CondSCVI.load(DIR,
-    adata) reads, on an AnnData set up the usual way, giving the same latent."""
+    """Write a checkpoint as an scvi-tools model directory (DIR/model.pt).
+
+    scvi-tools' SCVI / LinearSCVI / CondSCVI.load(DIR, adata) then rebuilds the model on an
+    AnnData with the same obs columns and gives the same latent."""
     from scvi_cli.checkpoint import load_checkpoint
     from scvi_cli.errors import UsageError
     from scvi_cli.interop.scvi_tools import export_model

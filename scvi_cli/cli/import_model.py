@@ -17,8 +17,10 @@ def import_model(
     source: Path = typer.Argument(..., help="scvi-tools model directory (holding model.pt) or the model.pt itself."),
     out: Path = typer.Option(..., "--out", "-o", help="Checkpoint to write (e.g. model.ckpt)."),
 ) -> None:
-    """Import a model saved by scvi-tools' SCVI / LinearSCVI / CondSCVI `.save()`, with its genes and
-    categories in scvi-tools' order (unused categories included), for every scvi-cli command."""
+    """Import an scvi-tools SCVI, LinearSCVI or CondSCVI model directory as a checkpoint.
+
+    Genes and categories keep scvi-tools' order (unused categories included); the file is read
+    without unpickling arbitrary objects."""
     from scvi_cli.atomic import check_writable
     from scvi_cli.checkpoint import save_checkpoint
     from scvi_cli.interop.scvi_tools import import_model as read
