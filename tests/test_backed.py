@@ -246,3 +246,26 @@ def test_backed_embed_memory_does_not_follow_the_counts(tmp_path):
     memory_growth = peak_kib(paths[50_000], "memory") - peak_kib(paths[10_000], "memory")
     assert memory_growth > 60 * 1024  # the 64 MB of extra counts, at least
     assert backed_growth < memory_growth / 3
+
+
+def test_training_shards_read_only_their_own_windows(tmp_path, monkeypatch):
+    path = _write(tmp_path, n=600, zero_cells=())
+    data = load_count_data(path, _spec().data, backed=True)
+    data.cont_covs = np.arange(data.n_cells, dtype=np.float32).reshape(-1, 1)  # each cell's position
+    reads = {0: [], 1: []}
+    seen, lengths = [], []
+    for rank in (0, 1):
+        source = B.BackedMinibatches(data, np.arange(600), 16, shuffle=True, seed=5, block_cells=40, buffer_blocks=2)
+        source.shard(rank, 2).set_epoch(3)
+        original = source.rows.read_cells
+        monkeypatch.setattr(source.rows, "read_cells", lambda cells, rank=rank, original=original: reads[rank].append(cells) or original(cells))
+        batches = list(source)
+        lengths.append(len(batches))
+        assert len(batches) == len(source) and all(len(b) == 16 for b in batches)
+        seen.append(np.concatenate([b.cont_covs.reshape(-1).numpy() for b in batches]).astype(np.int64))
+        monkeypatch.undo()
+    assert lengths[0] == lengths[1]
+    assert not set(seen[0]) & set(seen[1])  # disjoint shards
+    read = [np.concatenate(reads[r]) for r in (0, 1)]
+    assert not set(read[0]) & set(read[1]) and len(read[0]) + len(read[1]) == 600  # each cell read by one rank, once
+    assert len(seen[0]) + len(seen[1]) >= 600 - 2 * 16 - 40  # at most a block's imbalance and the remainders left out

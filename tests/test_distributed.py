@@ -201,3 +201,22 @@ def test_a_rank_that_dies_ends_the_job_with_an_error_and_a_resumable_state(tmp_p
         env=ENV, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert out.exists()
+
+
+def test_backed_distributed_training_reads_each_rank_its_own_blocks(tmp_path):
+    import anndata as ad
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    X = sp.random(3000, 200, density=0.2, format="csr", dtype=np.float32, random_state=rng)
+    X.data = np.ceil(X.data * 5)
+    obs = pd.DataFrame({"batch": pd.Categorical(rng.choice(["a", "b"], 3000))}, index=[f"c{i}" for i in range(3000)])
+    path = tmp_path / "cells.h5ad"
+    ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=[f"g{i}" for i in range(200)])).write_h5ad(path)
+    out = tmp_path / "m.ckpt"
+    run = subprocess.run([*TORCHRUN, "-m", "scvi_cli", "train", str(path), "--out", str(out), "--backed", "--device", "cpu",
+                          "--threads", "1", "--set", "data.batch_key=batch", "--set", "train.max_epochs=2"],
+                         env=ENV, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    history = out.with_name("m.history.csv").read_text().splitlines()
+    assert len(history) == 3 and "elbo_validation" in history[0]

@@ -16,7 +16,10 @@ What stays in memory is per cell (codes, totals, names), never per count.
   companions are thus drawn from ``block_cells * buffer_blocks`` cells (16,384 by default), not
   from all cells; every cell is seen exactly once per epoch, and the order is a function of
   (seed, epoch) only;
-* without shuffling, cells come in their order: the same minibatches as CSRMinibatches.
+* without shuffling, cells come in their order: the same minibatches as CSRMinibatches;
+* a training shard of a distributed run (``shard``) reads only every world_size-th block of the
+  epoch's order, so each rank reads its own part of the file; all ranks take the same number of
+  full minibatches (the smallest rank's), leaving out at most about a block's worth of cells.
 
 A background thread reads the next window while the current one is consumed.
 """
@@ -198,14 +201,34 @@ class BackedMinibatches:
         self._covariates = covariate_tensors(data)
 
     rank, world_size, drop_remainder = 0, 1, True
-    set_epoch, shard, steps, __len__ = CSRMinibatches.set_epoch, CSRMinibatches.shard, CSRMinibatches.steps, CSRMinibatches.__len__
+    set_epoch, shard, steps = CSRMinibatches.set_epoch, CSRMinibatches.shard, CSRMinibatches.steps
 
-    def windows(self) -> list[np.ndarray]:
-        """This epoch's windows: arrays of cells (increasing within each block), in reading order."""
+    @property
+    def reads_own_windows(self) -> bool:
+        """Sharded for training: each rank reads only its blocks (every world_size-th of the
+        epoch's order), and every rank takes the same number of full minibatches from them (the
+        smallest rank's count; the rest of the epoch's cells are left out). Evaluation shards
+        keep every minibatch of the shared order instead."""
+        return self.world_size > 1 and self.drop_remainder
+
+    def __len__(self) -> int:
+        if not self.reads_own_windows:
+            return CSRMinibatches.__len__(self)
+        return min(
+            sum(block.size for window in self.windows(rank) for block in window) // self.batch_size
+            for rank in range(self.world_size)
+        )
+
+    def windows(self, rank: int | None = None) -> list[list[np.ndarray]]:
+        """This epoch's windows (lists of blocks of cells, increasing within each block), in
+        reading order: all of them, or for a training shard those of ``rank`` (default: this
+        source's), made of every world_size-th block of the epoch's block order."""
         blocks = [self.indices[i : i + self.block_cells] for i in range(0, self.indices.size, self.block_cells)]
         order = np.arange(len(blocks))
         if self.shuffle:
             order = np.random.default_rng([self.seed, self.epoch]).permutation(len(blocks))
+        if self.reads_own_windows:
+            order = order[(self.rank if rank is None else rank) :: self.world_size]
         step = self.buffer_blocks
         return [[blocks[b] for b in order[k : k + step]] for k in range(0, len(order), step)]
 
@@ -214,6 +237,9 @@ class BackedMinibatches:
             yield window, sp.vstack([self.rows.read_cells(block) for block in window], format="csr")
 
     def __iter__(self) -> Iterator[Minibatch]:
+        if self.reads_own_windows:
+            yield from self._own_minibatches()
+            return
         rng = np.random.default_rng([self.seed, self.epoch, 1])
         wanted = set(self.steps())
         carry_cells, carry = np.zeros(0, dtype=np.int64), None
@@ -231,6 +257,28 @@ class BackedMinibatches:
             carry_cells, carry = cells[rest], counts[rest] if rest.size else None
         if carry_cells.size and not self.drop_last and number in wanted:
             yield self._minibatch(carry, carry_cells, np.arange(carry_cells.size))
+
+    def _own_minibatches(self) -> Iterator[Minibatch]:
+        """A training rank's len(self) full minibatches, from its own windows only."""
+        rng = np.random.default_rng([self.seed, self.epoch, 1, self.rank])
+        remaining = len(self)
+        carry_cells, carry = np.zeros(0, dtype=np.int64), None
+        source = _prefetched(self._read_windows()) if self.prefetch else self._read_windows()
+        try:
+            for window, counts in source:
+                cells = np.concatenate([carry_cells, *window])
+                counts = counts if carry is None else sp.vstack([carry, counts], format="csr")
+                order = rng.permutation(cells.size) if self.shuffle else np.arange(cells.size)
+                full = cells.size // self.batch_size * self.batch_size
+                for b in range(0, full, self.batch_size):
+                    if remaining == 0:
+                        return
+                    remaining -= 1
+                    yield self._minibatch(counts, cells, order[b : b + self.batch_size])
+                rest = order[full:]
+                carry_cells, carry = cells[rest], counts[rest] if rest.size else None
+        finally:
+            source.close()
 
     def _minibatch(self, counts: sp.csr_matrix, cells: np.ndarray, picked: np.ndarray) -> Minibatch:
         sub = _row_subset(counts.indptr.astype(np.int64), counts.indices.astype(np.int64), counts.data, picked.astype(np.int64))

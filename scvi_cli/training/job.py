@@ -243,7 +243,9 @@ def _train(
         if len(train_batches) == 0:
             raise DataError(
                 f"{data_path}: {len(train_idx)} training cells make fewer minibatches of {spec.train.batch_size} "
-                f"than there are processes ({ranks.world_size}); lower train.batch_size or use fewer processes"
+                f"than there are processes ({ranks.world_size})"
+                + (" (with --backed, blocks of 1,024 cells are divided between them)" if data.backed else "")
+                + "; lower train.batch_size or use fewer processes"
             )
         if validation_batches is not None:
             validation_batches.shard(ranks.rank, ranks.world_size, drop_remainder=False)
