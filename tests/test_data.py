@@ -721,3 +721,47 @@ def test_minibatch_kernels_take_one_index_dtype_without_widening_the_indices():
                            cat_cov_codes=None, cont_covs=None, categories={"batch": ["0"], "labels": ["0"]})
         (batch,) = list(D.CSRMinibatches(data, rows, 4, shuffle=False, layout=layout))
         np.testing.assert_array_equal(batch.x.numpy(), expected)
+
+
+def test_dropping_empty_cells_in_place_equals_the_copy():
+    from scvi_cli.data.counts import _drop_rows_in_place
+
+    rng = np.random.default_rng(4)
+    dense = (rng.random((500, 30)) < 0.2) * rng.integers(1, 9, (500, 30))
+    dense[rng.choice(500, 40, replace=False)] = 0
+    X = sp.csr_matrix(dense.astype(np.float32))
+    kept = np.asarray(X.sum(1)).reshape(-1) > 0
+    expected = X[kept].toarray()
+    data_before = X.data
+    out = _drop_rows_in_place(X, kept, block_values=97)  # many small blocks
+    np.testing.assert_array_equal(out.toarray(), expected)
+    assert np.shares_memory(out.data, data_before)  # the same arrays, compacted: no copy
+
+
+def test_training_loads_one_copy_of_the_counts(tmp_path):
+    """load_count_data (training's loader) converts integer counts and drops empty cells without a
+    second copy of the matrix: traced numpy allocations stay well below the matrix's size."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    n = 60_000
+    X = sp.random(n, 1_000, density=0.1, format="csr", dtype=np.float32, random_state=1)
+    X.data = np.ceil(X.data * 5)
+    X = X.astype(np.int32)
+    empty = np.zeros(n, dtype=bool)
+    empty[rng.choice(n, 500, replace=False)] = True
+    X.data[np.repeat(empty, np.diff(X.indptr))] = 0
+    X.eliminate_zeros()
+    path = tmp_path / "ints.h5ad"
+    ad.AnnData(X=X, var=pd.DataFrame(index=[f"g{j}" for j in range(1_000)]),
+               obs=pd.DataFrame(index=[f"c{i}" for i in range(n)])).write_h5ad(path)
+    matrix_bytes = X.data.nbytes + X.indices.nbytes + X.indptr.nbytes
+    tracemalloc.start()
+    with pytest.warns(UserWarning, match="dropped 500 cells"):
+        data = D.load_count_data(path, None)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert data.X.dtype == np.float32 and data.n_cells == n - 500
+    # reading holds one matrix (and its read buffers); the float32 values are the only other
+    # count-sized array; X[kept] would add a whole third one
+    assert peak < 1.5 * matrix_bytes + X.data.nbytes, (peak, matrix_bytes)

@@ -99,11 +99,14 @@ def count_data_from_anndata(
     categories: dict[str, list[str]] | None = None,
     gene_names: Sequence[str] | None = None,
     allow_missing_genes: bool = False,
+    consume: bool = False,
 ) -> CountData:
     """Validated counts and codes from an AnnData; `source` names it in messages.
 
     With `categories` (from a trained model) obs values are coded as in training, and unknown
     values are an error. With `gene_names` (the model's genes) columns are matched by name.
+    With `consume` the AnnData's matrix may be reused in place (the caller drops the AnnData):
+    dropping zero-count cells then compacts its arrays instead of copying them.
     """
     path = source
     layer, batch_key, labels_key, cat_keys, cont_keys = _spec_keys(data_spec)
@@ -120,7 +123,7 @@ def count_data_from_anndata(
         raise DataError(f"{path}: all {n_dropped} cells have zero total counts in {label}")
     if n_dropped:
         warnings.warn(f"{path}: dropped {n_dropped} cells with zero total counts", UserWarning, stacklevel=2)
-        X = X[kept]
+        X = _drop_rows_in_place(X, kept) if consume else X[kept]
         obs = obs.iloc[np.flatnonzero(kept)]
         obs_names = [o for o, k in zip(obs_names, kept) if k]
 
@@ -197,7 +200,29 @@ def load_count_data(
         categories=categories,
         gene_names=gene_names,
         allow_missing_genes=allow_missing_genes,
+        consume=True,  # the AnnData is this function's own
     )
+
+
+def _drop_rows_in_place(X: sp.csr_matrix, kept: np.ndarray, block_values: int = 1 << 20) -> sp.csr_matrix:
+    """X[kept] made by moving the kept rows' entries forward in X's own arrays, a block of rows at
+    a time (temporaries of about ``block_values`` entries), instead of a second copy of X. X's
+    arrays are overwritten: only for a matrix nothing else will read."""
+    indptr, indices, data = X.indptr, X.indices, X.data
+    lengths = np.diff(indptr)
+    new_indptr = np.zeros(int(kept.sum()) + 1, dtype=indptr.dtype)
+    np.cumsum(lengths[kept], out=new_indptr[1:])
+    rows_per_block = max(1, int(block_values // max(1, lengths.mean())))
+    write = 0
+    for start in range(0, X.shape[0], rows_per_block):
+        stop = min(start + rows_per_block, X.shape[0])
+        lo, hi = int(indptr[start]), int(indptr[stop])
+        keep = np.repeat(kept[start:stop], lengths[start:stop])
+        moved_indices, moved_data = indices[lo:hi][keep], data[lo:hi][keep]  # bounded temporaries
+        indices[write : write + moved_data.size] = moved_indices
+        data[write : write + moved_data.size] = moved_data
+        write += moved_data.size
+    return sp.csr_matrix((data[:write], indices[:write], new_indptr), shape=(int(kept.sum()), X.shape[1]))
 
 
 # --------------------------------------------------------------------------------------------

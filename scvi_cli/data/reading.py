@@ -185,8 +185,8 @@ def _canonical_float32(X: sp.csr_matrix) -> sp.csr_matrix:
     if not X.has_canonical_format:
         X = X.copy()
         X.sum_duplicates()
-    if X.dtype != np.float32:
-        X = X.astype(np.float32)
+    if X.dtype != np.float32:  # a new data array only: indices and indptr are shared, not copied
+        X = sp.csr_matrix((X.data.astype(np.float32), X.indices, X.indptr), shape=X.shape)
     return X
 
 
