@@ -52,9 +52,18 @@ def start(ranks: Ranks, device: torch.device) -> None:
         dist.init_process_group(backend=backend, rank=ranks.rank, world_size=ranks.world_size, timeout=timeout)
 
 
-def stop() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def stop(wait_for_others: bool = True) -> None:
+    """Leave the process group; after a normal end, first wait until every rank is done (rank
+    0 may still be writing the checkpoint), so that no rank tears down the group under another
+    one's last collective."""
+    if not dist.is_initialized():
+        return
+    if wait_for_others:
+        try:
+            dist.barrier()
+        except Exception:  # a rank that died: nothing to wait for
+            pass
+    dist.destroy_process_group()
 
 
 def active() -> bool:

@@ -192,15 +192,18 @@ def train_from_h5ad(
         distributed.start(ranks, torch_device)
         if not ranks.is_main:  # one voice and one writer: rank 0
             reporter = SilentReporter()
+    finished = False
     try:
-        return _train(
+        result = _train(
             data_path, spec, out_path, history_path, resume_path, torch_device, ranks, threads=threads,
             reporter=reporter, checkpoint_every=checkpoint_every, resume=resume, force=force,
             deterministic=deterministic, handle_signals=handle_signals,
         )
+        finished = True
+        return result
     finally:
         if ranks is not None:
-            distributed.stop()
+            distributed.stop(wait_for_others=finished)
 
 
 def _train(
