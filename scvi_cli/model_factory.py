@@ -53,56 +53,18 @@ def label_weights(ct_weight: dict | list, data: CountData, labels_key: str | Non
 def model_kwargs(spec: Spec, data: CountData) -> dict:
     """Constructor arguments of the spec's module for this data (plain values only)."""
     model = spec.model
-    if model.type == "condscvi":
-        if data.n_labels < 2:
-            raise DataError(
-                f"{data.source}: CondSCVI needs at least 2 cell types in obs[{spec.data.labels_key!r}], "
-                f"found {data.n_labels} ({', '.join(data.categories['labels'])})"
-            )
-        kwargs = dict(
-            n_input=data.n_genes,
-            n_labels=data.n_labels,
-            n_hidden=model.n_hidden,
-            n_latent=model.n_latent,
-            n_layers=model.n_layers,
-            log_variational=model.log_variational,
-            dropout_rate=model.dropout_rate,
-            n_batch=data.n_batch,
+    if model.type == "condscvi" and data.n_labels < 2:
+        raise DataError(
+            f"{data.source}: CondSCVI needs at least 2 cell types in obs[{spec.data.labels_key!r}], "
+            f"found {data.n_labels} ({', '.join(data.categories['labels'])})"
         )
+    kwargs = structure_kwargs(spec, data.n_genes, data.categories)
+    if model.type == "condscvi":
         if model.weight_obs:
             kwargs["ct_weight"] = inverse_label_weights(data.label_codes, data.n_labels)
         elif model.ct_weight is not None:
             kwargs["ct_weight"] = label_weights(model.ct_weight, data, spec.data.labels_key)
         return kwargs
-
-    kwargs = dict(
-        n_input=data.n_genes,
-        n_batch=data.n_batch,
-        n_labels=data.n_labels,
-        n_hidden=model.n_hidden,
-        n_latent=model.n_latent,
-        dropout_rate=model.dropout_rate,
-        dispersion=model.dispersion,
-        log_variational=model.log_variational,
-        gene_likelihood=model.gene_likelihood,
-        latent_distribution=model.latent_distribution,
-        use_observed_lib_size=model.use_observed_lib_size,
-        var_activation=model.var_activation,
-        var_eps=model.var_eps,
-    )
-    if model.type == "scvi":
-        kwargs.update(
-            n_layers=model.n_layers,
-            n_continuous_cov=len(data.cont_cov_keys),
-            n_cats_per_cov=data.n_cats_per_cov,
-            encode_covariates=model.encode_covariates,
-            deeply_inject_covariates=model.deeply_inject_covariates,
-            use_batch_norm=model.use_batch_norm,
-            use_layer_norm=model.use_layer_norm,
-            scale_activation=model.scale_activation,
-        )
-    else:
-        kwargs.update(n_layers_encoder=model.n_layers_encoder, use_batch_norm=model.use_batch_norm, bias=model.bias)
     if not model.use_observed_lib_size:
         sizes = np.bincount(data.batch_codes, minlength=data.n_batch)
         small = [f"{data.categories['batch'][b]!r} ({sizes[b]} cell)" for b in np.flatnonzero(sizes < 2)]
@@ -120,6 +82,55 @@ def model_kwargs(spec: Spec, data: CountData) -> dict:
                 "prior has no variance; set model.use_observed_lib_size: true"
             )
         kwargs.update(library_log_means=means.tolist(), library_log_vars=variances.tolist())
+    return kwargs
+
+
+def structure_kwargs(spec: Spec, n_genes: int, categories: dict[str, list[str]]) -> dict:
+    """The constructor arguments that follow from the settings, the genes and the categories
+    alone; what the counts add (a latent library's prior, label weights) is model_kwargs' part,
+    or the imported file's (interop)."""
+    model = spec.model
+    n_batch, n_labels = len(categories["batch"]), len(categories["labels"])
+    if model.type == "condscvi":
+        return dict(
+            n_input=n_genes,
+            n_labels=n_labels,
+            n_hidden=model.n_hidden,
+            n_latent=model.n_latent,
+            n_layers=model.n_layers,
+            log_variational=model.log_variational,
+            dropout_rate=model.dropout_rate,
+            n_batch=n_batch,
+        )
+    kwargs = dict(
+        n_input=n_genes,
+        n_batch=n_batch,
+        n_labels=n_labels,
+        n_hidden=model.n_hidden,
+        n_latent=model.n_latent,
+        dropout_rate=model.dropout_rate,
+        dispersion=model.dispersion,
+        log_variational=model.log_variational,
+        gene_likelihood=model.gene_likelihood,
+        latent_distribution=model.latent_distribution,
+        use_observed_lib_size=model.use_observed_lib_size,
+        var_activation=model.var_activation,
+        var_eps=model.var_eps,
+    )
+    if model.type == "scvi":
+        cat_keys = list(spec.data.categorical_covariate_keys)
+        kwargs.update(
+            n_layers=model.n_layers,
+            n_continuous_cov=len(spec.data.continuous_covariate_keys),
+            n_cats_per_cov=[len(categories[key]) for key in cat_keys],
+            encode_covariates=model.encode_covariates,
+            deeply_inject_covariates=model.deeply_inject_covariates,
+            use_batch_norm=model.use_batch_norm,
+            use_layer_norm=model.use_layer_norm,
+            scale_activation=model.scale_activation,
+        )
+    else:
+        kwargs.update(n_layers_encoder=model.n_layers_encoder, use_batch_norm=model.use_batch_norm, bias=model.bias)
     return kwargs
 
 

@@ -26,7 +26,9 @@ A background thread reads the next window while the current one is consumed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import queue
 import threading
 import warnings
@@ -77,11 +79,9 @@ class BackedRows:
         return (int(self.file_rows.size), self.n_genes)
 
     def read_file_rows(self, start: int, stop: int) -> sp.csr_matrix:
-        """File rows [start, stop) as float32 CSR over the model's genes (not yet validated)."""
+        """File rows [start, stop) as float32 CSR over the model's genes."""
         with self._lock:
-            chunk = self._matrix[start:stop]
-        chunk = chunk.tocsr() if sp.issparse(chunk) else sp.csr_matrix(np.asarray(chunk))
-        return _canonical_float32(self._select(chunk))
+            return _read_rows(self._matrix, self._select, start, stop)
 
     def read_cells(self, cells: np.ndarray) -> sp.csr_matrix:
         """The rows of ``cells`` (increasing positions among the kept cells), from one contiguous read."""
@@ -89,6 +89,13 @@ class BackedRows:
         start, stop = int(rows[0]), int(rows[-1]) + 1
         block = self.read_file_rows(start, stop)
         return block if rows.size == stop - start else block[rows - start]
+
+
+def _read_rows(matrix, select, start: int, stop: int) -> sp.csr_matrix:
+    """Rows [start, stop) of the on-disk ``matrix`` as float32 CSR, columns mapped by ``select``."""
+    chunk = matrix[start:stop]
+    chunk = chunk.tocsr() if sp.issparse(chunk) else sp.csr_matrix(np.asarray(chunk))
+    return _canonical_float32(select(chunk))
 
 
 def _own_handle(path: str, layer):
@@ -103,18 +110,14 @@ def _own_handle(path: str, layer):
 
 
 def _backed_matrix(adata, layer, path: str):
-    matrix, genes, label = _locate_counts(adata, layer, path)
-    fmt = getattr(matrix, "format", None)
-    if fmt is not None or hasattr(matrix, "shape"):
-        matrix = _own_handle(path, layer)
-        fmt = getattr(matrix, "format", None)
-    if fmt == "csc":
+    """(the matrix on disk through our own handle, its gene names, its label); CSC is refused."""
+    _, genes, label = _locate_counts(adata, layer, path)  # its checks and messages, and the genes
+    matrix = _own_handle(path, layer)
+    if getattr(matrix, "format", None) == "csc":
         raise DataError(
             f"{path}: {label} is stored by columns (CSC); backed mode reads cells (rows): rewrite it as CSR "
             "(adata.X = adata.X.tocsr()) or read it into memory (without --backed)"
         )
-    if fmt is None and not hasattr(matrix, "shape"):
-        raise DataError(f"{path}: {label} has an unsupported type {type(matrix).__name__} for backed mode")
     return matrix, genes, label
 
 
@@ -141,17 +144,17 @@ def backed_count_data(
     else:
         _check_unique_genes(genes, path, label)
         select = lambda X: X  # noqa: E731
-    rows = BackedRows(matrix, select, len(genes), np.arange(n_file, dtype=np.int64), np.zeros(0), "", 0)
     obs_names = [str(o) for o in adata.obs_names]
     totals = np.empty(n_file, dtype=np.float64)
     digest, nnz = hashlib.sha256(), np.zeros(n_file, dtype=np.int64)
     for start in range(0, n_file, CHUNK_ROWS):
         stop = min(start + CHUNK_ROWS, n_file)
-        chunk = rows.read_file_rows(start, stop)
+        chunk = _read_rows(matrix, select, start, stop)
         _validate_values(chunk, obs_names[start:stop], genes, path, label)
         totals[start:stop] = row_sums(chunk)
-        nnz[start:stop] = np.diff(chunk.indptr)
-        for array in (np.diff(chunk.indptr), chunk.indices, chunk.data):
+        lengths = np.diff(chunk.indptr)
+        nnz[start:stop] = lengths
+        for array in (lengths, chunk.indices, chunk.data):
             digest.update(np.ascontiguousarray(array))
     kept = totals > 0
     n_dropped = int((~kept).sum())
@@ -161,10 +164,10 @@ def backed_count_data(
         warnings.warn(f"{path}: dropped {n_dropped} cells with zero total counts", UserWarning, stacklevel=2)
         obs = obs.iloc[np.flatnonzero(kept)]
         obs_names = [o for o, k in zip(obs_names, kept) if k]
-    rows.file_rows = np.flatnonzero(kept).astype(np.int64)
-    rows.totals = totals[kept]
-    rows.digest = digest.hexdigest()
-    rows.nnz = int(nnz[kept].sum())
+    rows = BackedRows(
+        matrix, select, len(genes), file_rows=np.flatnonzero(kept).astype(np.int64), totals=totals[kept],
+        digest=digest.hexdigest(), nnz=int(nnz[kept].sum()),
+    )
     codes = _obs_codes(obs, batch_key, labels_key, cat_keys, cont_keys, path, categories)
     return CountData(
         X=rows, obs_names=obs_names, gene_names=genes, **codes, cat_cov_keys=cat_keys, cont_cov_keys=cont_keys,
@@ -198,7 +201,7 @@ class BackedMinibatches:
         self.batch_size, self.shuffle, self.seed, self.drop_last = int(batch_size), shuffle, int(seed), drop_last
         self.layout, self.block_cells, self.buffer_blocks, self.prefetch = layout, int(block_cells), int(buffer_blocks), prefetch
         self.epoch = 0
-        self._covariates = covariate_tensors(data)
+        self.covariates = covariate_tensors(data)
 
     rank, world_size, drop_remainder = 0, 1, True
     set_epoch, shard, steps = CSRMinibatches.set_epoch, CSRMinibatches.shard, CSRMinibatches.steps
@@ -237,52 +240,40 @@ class BackedMinibatches:
             yield window, sp.vstack([self.rows.read_cells(block) for block in window], format="csr")
 
     def __iter__(self) -> Iterator[Minibatch]:
-        if self.reads_own_windows:
-            yield from self._own_minibatches()
-            return
-        rng = np.random.default_rng([self.seed, self.epoch, 1])
-        wanted = set(self.steps())
-        carry_cells, carry = np.zeros(0, dtype=np.int64), None
-        number = 0  # of the minibatch in the whole epoch (before sharding)
-        for window, counts in _prefetched(self._read_windows()) if self.prefetch else self._read_windows():
-            cells = np.concatenate([carry_cells, *window])
-            counts = counts if carry is None else sp.vstack([carry, counts], format="csr")
-            order = rng.permutation(cells.size) if self.shuffle else np.arange(cells.size)
-            full = cells.size // self.batch_size * self.batch_size
-            for b in range(0, full, self.batch_size):
-                if number in wanted:
-                    yield self._minibatch(counts, cells, order[b : b + self.batch_size])
-                number += 1
-            rest = order[full:]
-            carry_cells, carry = cells[rest], counts[rest] if rest.size else None
-        if carry_cells.size and not self.drop_last and number in wanted:
-            yield self._minibatch(carry, carry_cells, np.arange(carry_cells.size))
+        if self.reads_own_windows:  # its own windows; the first len(self) minibatches are full ones
+            picks = self._epoch_picks([self.seed, self.epoch, 1, self.rank])
+            taken = itertools.islice(picks, len(self))
+        else:
+            picks = self._epoch_picks([self.seed, self.epoch, 1])
+            wanted = set(self.steps())
+            taken = (pick for number, pick in enumerate(picks) if number in wanted)
+        with contextlib.closing(picks):  # stops the prefetch thread when this epoch ends early
+            for counts, cells, picked in taken:
+                yield self._minibatch(counts, cells, picked)
 
-    def _own_minibatches(self) -> Iterator[Minibatch]:
-        """A training rank's len(self) full minibatches, from its own windows only."""
-        rng = np.random.default_rng([self.seed, self.epoch, 1, self.rank])
-        remaining = len(self)
+    def _epoch_picks(self, seed) -> Iterator[tuple[sp.csr_matrix, np.ndarray, np.ndarray]]:
+        """(counts of a window, its cells, the positions of one minibatch's cells) for every
+        minibatch of the windows read, in order: full ones, then the last partial one unless
+        drop_last. Cells shuffle within a window (with the carry-over of the previous one)."""
+        rng = np.random.default_rng(seed)
         carry_cells, carry = np.zeros(0, dtype=np.int64), None
         source = _prefetched(self._read_windows()) if self.prefetch else self._read_windows()
-        try:
+        with contextlib.closing(source):
             for window, counts in source:
                 cells = np.concatenate([carry_cells, *window])
                 counts = counts if carry is None else sp.vstack([carry, counts], format="csr")
                 order = rng.permutation(cells.size) if self.shuffle else np.arange(cells.size)
                 full = cells.size // self.batch_size * self.batch_size
                 for b in range(0, full, self.batch_size):
-                    if remaining == 0:
-                        return
-                    remaining -= 1
-                    yield self._minibatch(counts, cells, order[b : b + self.batch_size])
+                    yield counts, cells, order[b : b + self.batch_size]
                 rest = order[full:]
                 carry_cells, carry = cells[rest], counts[rest] if rest.size else None
-        finally:
-            source.close()
+        if carry_cells.size and not self.drop_last:
+            yield carry, carry_cells, np.arange(carry_cells.size)
 
     def _minibatch(self, counts: sp.csr_matrix, cells: np.ndarray, picked: np.ndarray) -> Minibatch:
         sub = _row_subset(counts.indptr.astype(np.int64), counts.indices.astype(np.int64), counts.data, picked.astype(np.int64))
-        return assemble_minibatch(sub, counts.shape[1], self.layout, self._covariates, torch.from_numpy(cells[picked]))
+        return assemble_minibatch(sub, counts.shape[1], self.layout, self.covariates, torch.from_numpy(cells[picked]))
 
 
 def _prefetched(items: Iterator, depth: int = 1) -> Iterator:

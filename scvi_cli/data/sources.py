@@ -89,8 +89,7 @@ class CSRMinibatches:
         self._indptr, self._indices = one_index_dtype(X)
         self._data = X.data
         self._n_genes = X.shape[1]
-        covariates = covariate_tensors(data)
-        self._batch, self._labels, self._cat, self._cont = (covariates[k] for k in ("batch", "labels", "cat", "cont"))
+        self.covariates = covariate_tensors(data)  # every cell's codes and covariates as tensors
 
     rank, world_size, drop_remainder = 0, 1, True  # see shard()
 
@@ -131,11 +130,6 @@ class CSRMinibatches:
         sub = _row_subset(self._indptr, self._indices, self._data, rows)
         return assemble_minibatch(sub, self._n_genes, self.layout, self.covariates, torch.from_numpy(rows))
 
-    @property
-    def covariates(self) -> dict[str, torch.Tensor | None]:
-        """Every cell's codes and covariates as tensors, indexed by cell."""
-        return dict(batch=self._batch, labels=self._labels, cat=self._cat, cont=self._cont)
-
 
 def covariate_tensors(data: CountData) -> dict[str, torch.Tensor | None]:
     """The codes and covariates of every cell of ``data`` as tensors (batch and labels (n, 1))."""
@@ -150,19 +144,20 @@ def covariate_tensors(data: CountData) -> dict[str, torch.Tensor | None]:
 def assemble_minibatch(sub, n_genes: int, layout: str, covariates: dict, cells: torch.Tensor) -> Minibatch:
     """A Minibatch from the CSR arrays ``sub`` (indptr, indices, data) of its cells' counts and
     the covariates of ``cells`` (their positions in the data set)."""
-    x = csr_rows = None
     if layout == "dense":
-        x = torch.from_numpy(_densify(*sub, n_genes))
-    else:
-        csr_rows = SparseRows(*(torch.from_numpy(np.asarray(a)) for a in sub), n_genes, check=False)
+        return Minibatch(x=torch.from_numpy(_densify(*sub, n_genes)), **covariates_of(covariates, cells))
+    rows = SparseRows(*(torch.from_numpy(np.asarray(a)) for a in sub), n_genes, check=False)
+    return Minibatch(rows=rows, **covariates_of(covariates, cells))
+
+
+def covariates_of(covariates: dict, cells: torch.Tensor) -> dict[str, torch.Tensor | None]:
+    """Minibatch's covariate arguments for ``cells`` (positions, on the covariates' device)."""
     pick = lambda t: None if t is None else t[cells]  # noqa: E731
-    return Minibatch(
-        x=x,
+    return dict(
         batch_index=pick(covariates["batch"]),
         labels=pick(covariates["labels"]),
         cat_covs=pick(covariates["cat"]),
         cont_covs=pick(covariates["cont"]),
-        rows=csr_rows,
     )
 
 
@@ -194,11 +189,8 @@ class DeviceCSRMinibatches(CSRMinibatches):
             indptr=move(torch.from_numpy(self._host_indptr)),
             indices=move(torch.from_numpy(self._indices.astype(np.int32, copy=False))),
             data=move(torch.from_numpy(self._data)),
-            batch=move(self._batch),
-            labels=move(self._labels),
-            cat=move(self._cat),
-            cont=move(self._cont),
         )
+        self._covariates_on_device = {key: move(value) for key, value in self.covariates.items()}
 
     def sharing(self, indices: np.ndarray | Sequence[int], batch_size: int, shuffle: bool) -> "DeviceCSRMinibatches":
         """Minibatches of other cells of the same data, reading the same device copy (e.g. the
@@ -235,14 +227,7 @@ class DeviceCSRMinibatches(CSRMinibatches):
         source = torch.arange(total, device=self.device) + torch.repeat_interleave(starts - offsets, lengths, output_size=total)
         x = torch.zeros((n, self._n_genes), dtype=torch.float32, device=self.device)
         x.index_put_((row_of_entry, d["indices"][source].long()), d["data"][source])
-        pick = lambda t: None if t is None else t[rows_on_device]  # noqa: E731
-        return Minibatch(
-            x=x,
-            batch_index=pick(d["batch"]),
-            labels=pick(d["labels"]),
-            cat_covs=pick(d["cat"]),
-            cont_covs=pick(d["cont"]),
-        )
+        return Minibatch(x=x, **covariates_of(self._covariates_on_device, rows_on_device))
 
 
 def _row_subset_numpy(indptr, indices, data, rows: np.ndarray):

@@ -22,7 +22,7 @@ import torch
 from scvi_cli.checkpoint import Checkpoint, current_versions
 from scvi_cli.data.categories import NO_KEY_CATEGORY
 from scvi_cli.errors import CheckpointError, first_line
-from scvi_cli.model_factory import build_model
+from scvi_cli.model_factory import build_model, structure_kwargs
 from scvi_cli.spec import Spec
 
 MODEL_NAMES = {"SCVI": "scvi", "LinearSCVI": "ldvae", "CondSCVI": "condscvi"}
@@ -176,12 +176,12 @@ def import_model(path: str | Path) -> Checkpoint:
             # scvi-tools 1.x stores an empty pyro_param_store ({"params": {}, "constraints": {}}) beside the weights
             raise CheckpointError(f"{source}: the state dict holds {key!r} ({type(value).__name__}), which scvi-cli cannot represent")
     genes = _names(content["var_names"])
-    model_spec = {"type": model_type, **{k: v for k, v in params.items() if k != "weight_obs" or model_type == "condscvi"}}
+    model_spec = {"type": model_type, **params}
     try:
         spec = Spec.from_dict({"model": model_spec, "data": data_spec}, source=str(source))
     except Exception as error:
         raise CheckpointError(f"{source}: {first_line(error, with_type=False)}") from error
-    kwargs = _module_kwargs(spec, genes, categories, data_spec, state_dict)
+    kwargs = _module_kwargs(spec, genes, categories, state_dict)
     try:
         module = build_model(model_type, kwargs)
         module.load_state_dict(state_dict, strict=True)
@@ -201,33 +201,14 @@ def import_model(path: str | Path) -> Checkpoint:
     )
 
 
-def _module_kwargs(spec: Spec, genes: list[str], categories: dict, data_spec: dict, state_dict: dict) -> dict[str, Any]:
-    """Constructor arguments for the module, from the settings and the categories' sizes; the
-    library prior and label weights come from the file's own buffers."""
-    model = spec.model
-    n_batch, n_labels = len(categories["batch"]), len(categories["labels"])
-    if model.type == "condscvi":
-        kwargs = dict(n_input=len(genes), n_labels=n_labels, n_hidden=model.n_hidden, n_latent=model.n_latent,
-                      n_layers=model.n_layers, log_variational=model.log_variational, dropout_rate=model.dropout_rate,
-                      n_batch=n_batch)
+def _module_kwargs(spec: Spec, genes: list[str], categories: dict, state_dict: dict) -> dict[str, Any]:
+    """Constructor arguments for the module: the settings' and categories' part as for a trained
+    model, the library prior and label weights from the file's own buffers."""
+    kwargs = structure_kwargs(spec, len(genes), categories)
+    if spec.model.type == "condscvi":
         if "ct_weight" in state_dict:
             kwargs["ct_weight"] = state_dict["ct_weight"].float().reshape(-1).tolist()
-        return kwargs
-    kwargs = dict(n_input=len(genes), n_batch=n_batch, n_labels=n_labels, n_hidden=model.n_hidden,
-                  n_latent=model.n_latent, dropout_rate=model.dropout_rate, dispersion=model.dispersion,
-                  log_variational=model.log_variational, gene_likelihood=model.gene_likelihood,
-                  latent_distribution=model.latent_distribution, use_observed_lib_size=model.use_observed_lib_size,
-                  var_activation=model.var_activation, var_eps=model.var_eps)
-    if model.type == "scvi":
-        cat_keys = data_spec.get("categorical_covariate_keys", [])
-        kwargs.update(n_layers=model.n_layers, n_continuous_cov=len(data_spec.get("continuous_covariate_keys", [])),
-                      n_cats_per_cov=[len(categories[k]) for k in cat_keys],
-                      encode_covariates=model.encode_covariates, deeply_inject_covariates=model.deeply_inject_covariates,
-                      use_batch_norm=model.use_batch_norm, use_layer_norm=model.use_layer_norm,
-                      scale_activation=model.scale_activation)
-    else:
-        kwargs.update(n_layers_encoder=model.n_layers_encoder, use_batch_norm=model.use_batch_norm, bias=model.bias)
-    if not model.use_observed_lib_size:
+    elif not spec.model.use_observed_lib_size:
         kwargs.update(library_log_means=state_dict["library_log_means"].float().tolist(),
                       library_log_vars=state_dict["library_log_vars"].float().tolist())
     return kwargs
@@ -258,7 +239,7 @@ def scvi_tools_payload(checkpoint: Checkpoint) -> dict:
     model_type = checkpoint.model_type
     if model_type not in _EXPORT_NAMES:
         raise CheckpointError(f"model type {model_type!r} has no scvi-tools counterpart")
-    spec, kwargs = checkpoint.spec, checkpoint.model_kwargs
+    spec = checkpoint.spec
     model, data = spec["model"], spec["data"]
     genes = np.array(checkpoint.gene_names, dtype=object)
     layer = data.get("layer")
@@ -328,7 +309,6 @@ def scvi_tools_payload(checkpoint: Checkpoint) -> dict:
         "field_registries": fields,
         "setup_method_name": "setup_anndata",
     }
-    del kwargs  # the module's own arguments follow from the settings and the registry
     return {
         "model_state_dict": {k: v.detach().cpu().clone() for k, v in checkpoint.state_dict.items()},
         "var_names": genes,

@@ -121,7 +121,7 @@ def synchronise_batch_norm(model: nn.Module, device: torch.device) -> nn.Module:
     SyncedBatchNorm1d elsewhere (in place for the latter; returns the model)."""
     if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is nn.BatchNorm1d:
                 synced = SyncedBatchNorm1d(
