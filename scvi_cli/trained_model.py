@@ -16,12 +16,21 @@ from torch import nn
 
 from scvi_cli.checkpoint import Checkpoint, load_checkpoint
 from scvi_cli.data import CountData, count_data_from_anndata, read_h5ad
+from scvi_cli.data.categories import NO_KEY_CATEGORY
 from scvi_cli.errors import CheckpointError, first_line
 from scvi_cli.model_factory import build_model
 from scvi_cli.spec import Spec
 
 if TYPE_CHECKING:
     from anndata import AnnData
+
+
+def model_uses_labels(module: nn.Module) -> bool:
+    """Whether the module's output depends on the cells' labels: CondSCVI's always does, scVI's
+    and LDVAE's only through a per-label dispersion."""
+    from scvi_cli.models import VAEC
+
+    return isinstance(module, VAEC) or getattr(module, "dispersion", None) == "gene-label"
 
 
 @dataclass
@@ -47,18 +56,24 @@ class TrainedModel:
         disk (the AnnData is backed, the CountData reads rows as needed).
         """
         adata = read_h5ad(data_path, backed=backed)
+        data_spec, categories = self.spec.data, self.checkpoint.categories
+        labels_key = data_spec.labels_key
+        if labels_key is not None and labels_key not in adata.obs.columns and not model_uses_labels(self.module):
+            # the model ignores labels: cells without the column (e.g. a query) are coded as one
+            data_spec = data_spec.model_copy(update={"labels_key": None})
+            categories = {**categories, "labels": [NO_KEY_CATEGORY]}
         if backed:
             from scvi_cli.data.backed import backed_count_data
 
             return adata, backed_count_data(
-                adata, self.spec.data, str(data_path), categories=self.checkpoint.categories,
+                adata, data_spec, str(data_path), categories=categories,
                 gene_names=self.checkpoint.gene_names, allow_missing_genes=allow_missing_genes,
             )
         query = count_data_from_anndata(
             adata,
-            self.spec.data,
+            data_spec,
             str(data_path),
-            categories=self.checkpoint.categories,
+            categories=categories,
             gene_names=self.checkpoint.gene_names,
             allow_missing_genes=allow_missing_genes,
         )

@@ -81,7 +81,12 @@ def test_two_ranks_equal_one_process_on_the_union_of_their_minibatches(tmp_path)
     net = namespace["model"]()
     # rank r takes minibatches 2k + r of 16 cells: step k is cells [32k, 32k + 32)
     source = CSRMinibatches(namespace["data"](), np.arange(128), 32, shuffle=False, layout="sparse")
-    state = namespace["fit"](net, source, settings=namespace["SETTINGS"])  # torch.randn_like: see the fixture
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks: sums in the same order, whatever earlier tests set
+    try:
+        state = namespace["fit"](net, source, settings=namespace["SETTINGS"])  # torch.randn_like: see the fixture
+    finally:
+        torch.set_num_threads(threads)
     reference = net.state_dict()
     assert distributed_run["weights"].keys() == reference.keys()
     # float tolerance: the all-reduces sum in another order than one process's matmuls

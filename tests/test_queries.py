@@ -154,10 +154,11 @@ def test_impute_is_the_modules_sample_scale_and_sample_rate(trained, name):
         options = dict(transform_batch=codes, n_samples=n_samples, genes=genes, batch_size=80, seed=4, gene_chunk=7)
         torch.manual_seed(4)
         scale = module.sample_scale(batch, codes, n_samples, gene_index=genes, gene_chunk=7).numpy()
-        assert np.array_equal(queries.normalized_expression(module, query, library_size=1e4, **options), scale * 1e4)
+        # equal up to float32 rounding: the kernels chosen for a gene chunk vary with the CPU
+        np.testing.assert_allclose(queries.normalized_expression(module, query, library_size=1e4, **options), scale * 1e4, rtol=2e-6)
         torch.manual_seed(4)
         rate = module.sample_rate(batch, codes, n_samples, gene_index=genes, gene_chunk=7).numpy()
-        assert np.array_equal(queries.normalized_expression(module, query, library_size="latent", **options), rate)
+        np.testing.assert_allclose(queries.normalized_expression(module, query, library_size="latent", **options), rate, rtol=2e-6)
 
 
 @pytest.mark.parametrize("name", ["scvi", "condscvi", "scvi_cov"])
@@ -169,7 +170,8 @@ def test_embed_is_the_modules_latent(trained, name):
         torch.manual_seed(2)
         expected = module.latent(batch, give_mean=not sample, mc_samples=300).numpy()
         ours = queries.latent_representation(module, query, sample=sample, mc_samples=300, batch_size=80, seed=2)
-        assert np.array_equal(ours, expected)
+        # the query reads the CSR counts (sparse first layer): float32 rounding apart, the same
+        np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-6)
 
 @pytest.mark.parametrize("name", ["scvi", "condscvi"])
 def test_latent_library_size_of_observed_library_gives_each_cells_total(trained, name):

@@ -64,7 +64,9 @@ def test_loss_and_gradients_equal_the_dense_path(name):
     torch.testing.assert_close(b.kl_local, a.kl_local, rtol=1e-5, atol=1e-5)
     assert grads_a.keys() == grads_b.keys() and any("Layer 0.0" in k for k in grads_a)
     for key in grads_a:
-        torch.testing.assert_close(grads_b[key], grads_a[key], rtol=1e-4, atol=1e-5, msg=key)
+        # float32 sums in another order: absolute noise grows with the gradient's own size
+        atol = 1e-6 * max(10.0, float(grads_a[key].abs().max()))
+        torch.testing.assert_close(grads_b[key], grads_a[key], rtol=1e-4, atol=atol, msg=lambda m: f"{key}: {m}")
 
 
 @pytest.mark.parametrize("name", ["vae", "vae_covariates_latent_library", "vaec"])

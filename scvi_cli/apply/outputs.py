@@ -554,3 +554,36 @@ def write_h5ad_with_sample_layers(path: str | os.PathLike, adata: Any, layers: d
             raise ValueError(f"{path}: layer {name!r} of shape {matrix.shape} does not match the AnnData's {tuple(adata.shape)}")
         elements[name] = sp.csr_matrix(matrix) if sp.issparse(matrix) else np.asarray(matrix)
     _write_elements(path, adata, "layers", elements, adata.layers)
+
+
+def write_frame(path: str | os.PathLike, frame: pd.DataFrame, index_name: str = "obs_names") -> None:
+    """Write a table of mixed columns (text and numbers: predictions, DE results) atomically.
+
+    .csv/.tsv(.gz) with the index as first column named ``index_name``; .parquet the same (needs
+    pyarrow); .h5ad an AnnData without values whose obs is the table (rows = its index). .npy
+    holds one number type only and is refused.
+    """
+    fmt = output_format(path)
+    check_writable(path)
+    if fmt == ".npy":
+        raise UsageError(f"{path}: this table mixes text and numbers; write .csv, .tsv, .parquet or .h5ad")
+    table = frame.copy()
+    table.index = pd.Index([str(i) for i in table.index], name=index_name)
+    if fmt == ".parquet":
+        _require_pyarrow(path)
+        with atomic_write(path) as tmp:
+            table.reset_index().to_parquet(tmp, index=False)
+    elif fmt == ".h5ad":
+        import anndata
+
+        obs = table.copy()
+        obs.index.name = None
+        if index_name in obs.columns:
+            raise UsageError(f"{path}: column {index_name!r} clashes with the index name")
+        adata = anndata.AnnData(obs=obs)
+        with atomic_write(path) as tmp:
+            adata.write_h5ad(tmp)
+    else:
+        sep = "\t" if fmt.startswith(".tsv") else ","
+        with atomic_write(path) as tmp:
+            table.to_csv(tmp, sep=sep, compression="gzip" if fmt.endswith(".gz") else None, lineterminator="\n")

@@ -52,6 +52,14 @@ def info(
             f"{training.get('n_train')} train / {training.get('n_validation')} validation cells, "
             f"seed {training.get('seed')}, {training.get('seconds')} s on {training.get('device')}"
         )
+    mapping = training.get("mapping")
+    if isinstance(mapping, dict):
+        new = "; ".join(f"{k}: {', '.join(v)}" for k, v in mapping.get("new_categories", {}).items()) or "none"
+        trained = mapping.get("trained", [])
+        typer.echo(
+            f"mapped onto reference {mapping.get('reference')} (sha256 {str(mapping.get('reference_sha256'))[:12]}...); "
+            f"new categories: {new}; trained: {', '.join(trained) if trained else 'nothing'}"
+        )
     if final:
         typer.echo("last epoch: " + ", ".join(f"{k}={v:.4g}" for k, v in final.items()))
     typer.echo("versions: " + ", ".join(f"{k} {v}" for k, v in checkpoint.versions.items()))

@@ -113,6 +113,33 @@ def train_settings(spec: Spec, n_cells: int) -> TrainSettings:
     )
 
 
+class FreshModel:
+    """How ``train`` starts a run: the spec's data read as it is, a newly initialised module.
+
+    A run is told its data and its starting module by one of these; ``map`` (training/mapping.py)
+    passes its own, which codes the query against a reference's categories and grafts the
+    reference's weights onto a module with room for the query's new ones.
+    """
+
+    def load_data(self, data_path: str | Path, spec: Spec) -> CountData:
+        return load_count_data(data_path, spec.data, backed=spec.data.backed)
+
+    def build(self, spec: Spec, data: CountData) -> tuple[torch.nn.Module, dict]:
+        """(module, its constructor arguments) under the current torch seed."""
+        kwargs = model_kwargs(spec, data)
+        return build_model(spec.model.type, kwargs), kwargs
+
+    def prepare(self, model: torch.nn.Module) -> None:
+        """Called once the module is in its final form (batch norm synchronised across ranks)."""
+
+    def finish(self, model: torch.nn.Module) -> None:
+        """Called on the fitted module before its checkpoint is written."""
+
+    def facts(self) -> dict:
+        """Extra entries of the checkpoint's training facts (part of the run fingerprint)."""
+        return {}
+
+
 def run_fingerprint(spec: Spec, data: CountData) -> str:
     """Digest of the spec and of the counts, genes and codes: a resumed run must see the same.
 
@@ -168,6 +195,7 @@ def train_from_h5ad(
     force: bool = False,
     deterministic: bool = False,
     handle_signals: bool = True,
+    setup: FreshModel | None = None,
 ) -> TrainResult:
     """Train the spec's model on the counts in ``data_path`` and write ``out_path`` atomically.
 
@@ -175,6 +203,7 @@ def train_from_h5ad(
     epochs; a stop signal (SIGTERM, SIGUSR1, SIGINT) writes it after the current step and raises
     ``TrainingStopped``. With ``resume``, a run continues from that state when it exists (and
     starts afresh otherwise); a state from another spec or data set is refused unless ``force``.
+    ``setup`` says how the data is read and the module built (default: ``FreshModel``).
     """
     reporter = reporter or SilentReporter()
     out_path, history_path, resume_path = Path(out_path), history_path_for(out_path), resume_path_for(out_path)
@@ -197,7 +226,7 @@ def train_from_h5ad(
         result = _train(
             data_path, spec, out_path, history_path, resume_path, torch_device, ranks, threads=threads,
             reporter=reporter, checkpoint_every=checkpoint_every, resume=resume, force=force,
-            deterministic=deterministic, handle_signals=handle_signals,
+            deterministic=deterministic, handle_signals=handle_signals, setup=setup or FreshModel(),
         )
         finished = True
         return result
@@ -208,7 +237,7 @@ def train_from_h5ad(
 
 def _train(
     data_path, spec, out_path, history_path, resume_path, torch_device, ranks, *, threads, reporter,
-    checkpoint_every, resume, force, deterministic, handle_signals,
+    checkpoint_every, resume, force, deterministic, handle_signals, setup,
 ) -> TrainResult:
     """train_from_h5ad's work once the paths, the device and the process group are settled."""
     writes = ranks is None or ranks.is_main
@@ -217,8 +246,10 @@ def _train(
     limit_threads(threads)
     set_deterministic(deterministic)
 
-    data = load_count_data(data_path, spec.data, backed=spec.data.backed)
+    data = setup.load_data(data_path, spec)
     fingerprint = run_fingerprint(spec, data)
+    if setup.facts():
+        fingerprint = hashlib.sha256((fingerprint + json.dumps(setup.facts(), sort_keys=True)).encode()).hexdigest()
     seed = spec.train.seed
     settings = train_settings(spec, data.n_cells)
     train_idx, validation_idx = train_validation_split(
@@ -228,8 +259,7 @@ def _train(
         raise DataError(f"{data_path}: early stopping needs validation cells, but the split left none")
 
     torch.manual_seed(seed)
-    kwargs = model_kwargs(spec, data)
-    model = build_model(spec.model.type, kwargs)
+    model, kwargs = setup.build(spec, data)
     state = None
     if resume and resume_path.exists():
         state = _load_resume_state(resume_path, model, spec, fingerprint, force)
@@ -257,6 +287,7 @@ def _train(
             at = (state.epoch, state.step_in_epoch) if state else (0, 0)
             torch.manual_seed(int(np.random.default_rng([seed, ranks.rank, *at]).integers(2**63)))
         reporter.message(f"distributed: {ranks.world_size} processes, every rank takes 1 in {ranks.world_size} minibatches")
+    setup.prepare(model)
     reporter.message(
         f"{spec.model.type}: {data.n_cells} cells x {data.n_genes} genes, {data.n_batch} batch(es), "
         f"{len(train_idx)} train / {len(validation_idx)} validation cells, {settings.max_epochs} epochs on {torch_device}"
@@ -278,6 +309,7 @@ def _train(
             "wall_seconds_this_run": round(time.perf_counter() - started, 3),
             "source": str(data_path),
             "fingerprint": fingerprint,
+            **setup.facts(),
         }
 
     def checkpoint(state: TrainingState, started: float, resumable: bool) -> Checkpoint:
@@ -330,6 +362,7 @@ def _train(
                 f"(epoch {state.epoch + 1}, step {state.step_in_epoch}); rerun the same command with --resume to continue",
                 exit_code=stop_request.exit_code,
             )
+        setup.finish(model)
         if writes:
             save_checkpoint(out_path, checkpoint(state, started, resumable=False))
             write_history_csv(history_path, state.history)
