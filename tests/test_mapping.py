@@ -111,8 +111,10 @@ def _train_query_steps(module, batch, steps=5):
 def test_default_freezing_moves_only_new_columns_and_decoder_batch_norm():
     ref, new = _pair(2, 4, cats_old=(3,), cats_new=(3,), dispersion="gene-batch", encode_covariates=True)
     before = {k: v.clone() for k, v in new.state_dict().items()}
-    trained, frozen_norms, hooks = freeze_for_query(new, QueryOptions(), [2, 3])
-    assert {name for name, _ in frozen_norms} == {"z_encoder.encoder.fc_layers.Layer 0.1", "l_encoder.encoder.fc_layers.Layer 0.1"}
+    trained, held_norms, hooks = freeze_for_query(new, QueryOptions(), [2, 3])
+    assert len(held_norms) == 3  # every batch norm normalises with the reference's statistics
+    new.train()
+    assert not any(norm.training for norm in held_norms) and new.decoder.px_decoder.fc_layers[0][4] is None
     # query cells: new batches 2 and 3, and covariate values the reference knows
     batch = _minibatch(16, 30, [2, 3] * 8, cat_codes=[0, 1, 2, 0] * 4, seed=5)
     module_grads = {}
@@ -132,14 +134,15 @@ def test_default_freezing_moves_only_new_columns_and_decoder_batch_norm():
     # px_r: the reference's batches frozen, the new ones learn
     assert torch.equal(after["px_r"][:, :2], before["px_r"][:, :2])
     assert not torch.equal(after["px_r"][:, 2:], before["px_r"][:, 2:])
-    # the decoder's batch norm learns (scale, shift, statistics); the encoders' stays
+    # the decoder's batch norm learns its scale and shift; no statistics move; the encoders' stay
     assert not torch.equal(after["decoder.px_decoder.fc_layers.Layer 0.1.weight"], before["decoder.px_decoder.fc_layers.Layer 0.1.weight"])
-    for name in ("z_encoder.encoder.fc_layers.Layer 0.1.running_mean", "z_encoder.encoder.fc_layers.Layer 0.1.weight"):
-        assert torch.equal(after[name], before[name])
+    for name in ("z_encoder.encoder.fc_layers.Layer 0.1.running_mean", "z_encoder.encoder.fc_layers.Layer 0.1.weight",
+                 "decoder.px_decoder.fc_layers.Layer 0.1.running_mean", "decoder.px_decoder.fc_layers.Layer 0.1.running_var",
+                 "decoder.px_decoder.fc_layers.Layer 0.1.num_batches_tracked"):
+        assert torch.equal(after[name], before[name]), name
     changed = {k for k in after if not torch.equal(after[k], before[k])}
     allowed = {layer, "px_r", "z_encoder.encoder.fc_layers.Layer 0.0.weight", "l_encoder.encoder.fc_layers.Layer 0.0.weight"}
-    allowed |= {k for k in after if k.startswith("decoder.px_decoder.fc_layers.Layer 0.1.")}
-    allowed |= {k for k in after if k.endswith("num_batches_tracked")}
+    allowed |= {"decoder.px_decoder.fc_layers.Layer 0.1.weight", "decoder.px_decoder.fc_layers.Layer 0.1.bias"}
     assert changed <= allowed
     # the encoders read covariates: only their new batch columns moved
     enc = "z_encoder.encoder.fc_layers.Layer 0.0.weight"
@@ -174,9 +177,9 @@ def test_switches_unfreeze_what_they_name(options, free):
 
 def test_frozen_batchnorm_decoder_and_dropout_switches():
     _, new = _pair(2, 3)
-    trained, frozen, hooks = freeze_for_query(new, QueryOptions(freeze_batchnorm_decoder=True, freeze_dropout=True), [2])
+    trained, held, hooks = freeze_for_query(new, QueryOptions(freeze_batchnorm_decoder=True, freeze_dropout=True), [2])
     assert all(not name.startswith("decoder.px_decoder.fc_layers.Layer 0.1") for name in trained)
-    assert "decoder.px_decoder.fc_layers.Layer 0.1" in {name for name, _ in frozen}
+    assert not any(p.requires_grad for n, p in new.named_parameters() if ".1." in n)
     assert all(m.p == 0 for m in new.modules() if isinstance(m, torch.nn.Dropout))
     for hook in hooks:
         hook.remove()
@@ -240,10 +243,12 @@ def test_map_end_to_end(run_cli, split, reference, tmp_path):
     assert mapping["new_categories"] == {"batch": ["g1"]}
     assert "decoder.px_decoder.fc_layers.Layer 0.0.weight [new columns]" in mapping["trained"]
     assert q_ckpt.spec["train"]["weight_decay"] == 0.0
-    # frozen means frozen: every reference tensor outside the decoder's batch norm is bit-identical
+    # frozen means frozen: every reference tensor but the decoder's batch-norm scale and shift is
+    # bit-identical (its statistics and batch count included)
     for name, old in ref_ckpt.state_dict.items():
         new = q_ckpt.state_dict[name]
-        if name.startswith("decoder.px_decoder.fc_layers.Layer 0.1."):
+        if name in ("decoder.px_decoder.fc_layers.Layer 0.1.weight", "decoder.px_decoder.fc_layers.Layer 0.1.bias"):
+            assert not torch.equal(new, old)
             continue
         if name == "decoder.px_decoder.fc_layers.Layer 0.0.weight":
             new = new[:, : old.shape[1]]  # z (10) then the two reference batches; g1's column is last

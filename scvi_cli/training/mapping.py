@@ -5,15 +5,20 @@ The surgery: the batch (and categorical covariate) categories gain the query's u
 appended after the reference's; every layer that reads their one-hot code gets new input columns
 (freshly initialised under the run's seed), the reference's columns are copied unchanged. The
 freezing follows scvi-tools' defaults (``QueryOptions``): only the new columns, and the decoder's
-batch norm, learn. Frozen weights are bit-identical afterwards: their gradients are exactly zero
+batch-norm scale and shift, learn. Frozen weights are bit-identical afterwards: their gradients are exactly zero
 and the query is trained without weight decay, so Adam never moves them.
 
-Two choices that differ from scvi-tools, both so that "frozen" means frozen:
+Where scvi-tools 1.5.1 differs, so that "frozen" means frozen and new categories are whole:
 
 * the gradient of a covariate layer is kept for the *new* columns only (scvi-tools keeps it for
   every covariate column, so reference categories that query cells also carry would move);
 * a reference with a single batch has no batch columns at all; its one category gets a column of
-  zeros (reference cells decode as before) and only the new categories' columns learn.
+  zeros (reference cells decode as before) and only the new categories' columns learn;
+* new columns go at the end of their own covariate's block (scvi-tools appends every new column
+  at the end of the layer's input, which misplaces them when a categorical covariate follows);
+* the library encoder is frozen like the other encoder (scvi-tools trains it whole);
+* with ``dispersion: gene-batch`` the new batches' dispersions learn (scvi-tools leaves them at
+  their random initial values).
 """
 
 from __future__ import annotations
@@ -53,8 +58,13 @@ class QueryOptions:
     freeze_expression: the encoders' first layer keeps its gene weights (only its new covariate
         columns learn, when the encoders see covariates).
     freeze_decoder_first_layer: the same for the decoder's first layer.
-    freeze_batchnorm_encoder / freeze_batchnorm_decoder: batch-norm scale, shift and running
-        statistics stay the reference's (the running statistics by momentum 0, as in scvi-tools).
+    freeze_batchnorm_encoder / freeze_batchnorm_decoder: batch-norm scale and shift stay the
+        reference's.
+
+    Every batch norm normalises with the reference's running statistics while the query trains
+    (it is held in eval mode) and none of them is updated: that is what scvi-tools does in
+    practice (its query module stays in eval mode through training), and it keeps the reference's
+    statistics exact. A trainable batch norm learns its scale and shift only.
     """
 
     unfrozen: bool = False
@@ -110,7 +120,7 @@ class QuerySurgery(FreshModel):
         self.categories: dict[str, list[str]] | None = None  # the reference's, extended
         self.new_categories: dict[str, list[str]] = {}
         self.trained: list[str] = []
-        self._frozen_batch_norms: list[tuple[str, nn.BatchNorm1d]] = []
+        self._held_norms: list[nn.Module] = []
         self._hooks: list = []
         with open(reference.path, "rb") as fh:
             self.reference_sha256 = hashlib.file_digest(fh, "sha256").hexdigest()
@@ -200,17 +210,13 @@ class QuerySurgery(FreshModel):
         }
 
     def prepare(self, model: nn.Module) -> None:
-        self.trained, self._frozen_batch_norms, self._hooks = freeze_for_query(
+        self.trained, self._held_norms, self._hooks = freeze_for_query(
             model, self.options, old_sizes(self.reference.checkpoint.categories, self.reference.spec)
         )
 
     def finish(self, model: nn.Module) -> None:
-        """Undo what training touched on frozen parts without it mattering: the batch count of
-        frozen batch norms (their statistics stayed by momentum 0), the gradient hooks."""
-        for name, module in self._frozen_batch_norms:
-            module.num_batches_tracked.copy_(self.reference.module.get_submodule(name).num_batches_tracked)
-        for hook in self._hooks:
-            hook.remove()
+        """Remove the gradient hooks and the batch norms' hold on eval mode."""
+        release_query_training(self._held_norms, self._hooks)
 
     def facts(self) -> dict:
         mapping = {
@@ -319,10 +325,10 @@ class _ColumnMask:
 
 def freeze_for_query(model: nn.Module, options: QueryOptions, old: list[int]):
     """Set what trains for a query run; returns (names of trained parameters, with '[new
-    columns]' where only those learn; the frozen batch norms by name; the gradient hooks)."""
+    columns]' where only those learn; the batch norms held in eval mode; the gradient hooks)."""
     params = dict(model.named_parameters())
     trainable: dict[str, str] = {}  # name -> "" (all of it) or " [new columns]"
-    hooks, frozen_norms = [], []
+    hooks, held_norms = [], []
     if options.unfrozen:
         trainable = {name: "" for name in params}
     else:
@@ -354,16 +360,15 @@ def freeze_for_query(model: nn.Module, options: QueryOptions, old: list[int]):
             hooks.append(params["px_r"].register_hook(_ColumnMask(keep[None, :])))
             trainable["px_r"] = " [new columns]"
     for name, norm in model.named_modules():
-        if not isinstance(norm, nn.BatchNorm1d):
+        if not isinstance(norm, nn.modules.batchnorm._BatchNorm):  # SyncBatchNorm too
             continue
         frozen = not options.unfrozen and (
             (options.freeze_batchnorm_encoder and "encoder" in name)
             or (options.freeze_batchnorm_decoder and "decoder" in name)
         )
-        if frozen:
-            norm.momentum = 0.0
-            frozen_norms.append((name, norm))
-        elif norm.affine:
+        _hold_in_eval_mode(norm)
+        held_norms.append(norm)
+        if not frozen and norm.affine:
             trainable.update({f"{name}.weight": "", f"{name}.bias": ""})
     if options.freeze_dropout:
         for module in model.modules():
@@ -371,7 +376,21 @@ def freeze_for_query(model: nn.Module, options: QueryOptions, old: list[int]):
                 module.p = 0.0
     for name, param in params.items():
         param.requires_grad_(name in trainable)
-    return [name + trainable[name] for name in params if name in trainable], frozen_norms, hooks
+    return [name + trainable[name] for name in params if name in trainable], held_norms, hooks
+
+
+def _hold_in_eval_mode(module: nn.Module) -> None:
+    """``module.train()`` (called by the loop every epoch) leaves this module in eval mode."""
+    module.train = lambda mode=True, _m=module: nn.Module.train(_m, False)
+    nn.Module.train(module, False)
+
+
+def release_query_training(held_norms: list[nn.Module], hooks: list) -> None:
+    """Undo freeze_for_query's hooks and holds (the weights stay as trained)."""
+    for norm in held_norms:
+        norm.__dict__.pop("train", None)
+    for hook in hooks:
+        hook.remove()
 
 
 def _new_sizes(fc: FCLayers) -> list[int]:
