@@ -60,6 +60,14 @@ def test_streaming_pass_gives_the_in_memory_count_data(tmp_path, monkeypatch):
     assert backed.X.nnz == memory.X.nnz
     cells = np.array([0, 1, 2, 200, 297])
     np.testing.assert_array_equal(backed.X.read_cells(cells).toarray(), memory.X[cells].toarray())
+    # scattered cells are read window by window, never as the whole span between them
+    monkeypatch.setattr(B, "SPAN_ROWS", 50)
+    spans = []
+    read = backed.X.read_file_rows
+    monkeypatch.setattr(backed.X, "read_file_rows", lambda a, b: spans.append(b - a) or read(a, b))
+    cells = np.array([0, 3, 49, 120, 121, 260, 297])
+    np.testing.assert_array_equal(backed.X.read_cells(cells).toarray(), memory.X[cells].toarray())
+    assert len(spans) == 4 and max(spans) <= 50
 
 
 def test_model_genes_are_matched_by_name_in_every_chunk(tmp_path, monkeypatch):

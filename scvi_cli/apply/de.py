@@ -235,7 +235,7 @@ def fdr_calls(proba_de: np.ndarray, fdr: float) -> np.ndarray:
 # Raw statistics, one streaming pass
 
 
-def _row_blocks(data: CountData, rows: int = 65536):
+def _row_blocks(data: CountData, rows: int = 16384):
     for start in range(0, data.n_cells, rows):
         stop = min(start + rows, data.n_cells)
         yield start, (data.X.read_cells(np.arange(start, stop)) if data.backed else data.X[start:stop])

@@ -54,6 +54,7 @@ from scvi_cli.data.sources import CSRMinibatches, _row_subset, assemble_minibatc
 from scvi_cli.errors import DataError
 
 CHUNK_ROWS = 8192  # rows per read of the streaming pass and of in-order iteration
+SPAN_ROWS = 4 * CHUNK_ROWS  # the most file rows one read of scattered cells spans
 
 
 class BackedRows:
@@ -84,11 +85,22 @@ class BackedRows:
             return _read_rows(self._matrix, self._select, start, stop)
 
     def read_cells(self, cells: np.ndarray) -> sp.csr_matrix:
-        """The rows of ``cells`` (increasing positions among the kept cells), from one contiguous read."""
+        """The rows of ``cells`` (increasing positions among the kept cells): one contiguous read
+        when they lie within SPAN_ROWS file rows, else one read per window of SPAN_ROWS rows that
+        holds any of them (scattered cells, e.g. a sample of a large group, never pull in the
+        rows between them all at once)."""
         rows = self.file_rows[cells]
         start, stop = int(rows[0]), int(rows[-1]) + 1
-        block = self.read_file_rows(start, stop)
-        return block if rows.size == stop - start else block[rows - start]
+        if stop - start <= SPAN_ROWS:
+            block = self.read_file_rows(start, stop)
+            return block if rows.size == stop - start else block[rows - start]
+        windows = (rows - start) // SPAN_ROWS
+        parts = []
+        for window in np.unique(windows):
+            picked = rows[windows == window]
+            first = int(picked[0])
+            parts.append(self.read_file_rows(first, int(picked[-1]) + 1)[picked - first])
+        return sp.vstack(parts, format="csr")
 
 
 def _read_rows(matrix, select, start: int, stop: int) -> sp.csr_matrix:
