@@ -386,3 +386,17 @@ def test_mixing_and_purity_by_hand():
     p = np.array([9 / 19, 10 / 19])  # 19 other cells of a cluster of 20: 9 of one's own group, 10 of the other
     assert value == pytest.approx(-(p * np.log(p)).sum() / np.log(2))
     assert proportions_entropy(["a", "a", "a", "b"]) == pytest.approx(-(0.75 * np.log(0.75) + 0.25 * np.log(0.25)) / np.log(2))
+
+
+def test_map_an_ldvae_reference_keeps_its_loadings(run_cli, split, reference, tmp_path):
+    ref = tmp_path / "ldvae.ckpt"
+    assert run_cli("train", split / "ref2.h5ad", "--out", ref, "--set", "model.type=ldvae", "--set", "data.batch_key=batch",
+                   "--set", "train.max_epochs=2", "-q")[0] == 0
+    out = tmp_path / "q.ckpt"
+    code, _, err = run_cli("map", ref, split / "query.h5ad", "--out", out, "--set", "train.max_epochs=2")
+    assert code == 0, err
+    before, after = load_checkpoint(ref).state_dict, load_checkpoint(out).state_dict
+    w = "decoder.factor_regressor.fc_layers.Layer 0.0.weight"
+    assert after[w].shape[1] == before[w].shape[1] + 1
+    assert torch.equal(after[w][:, : before[w].shape[1]], before[w])  # loadings and reference batches
+    assert not torch.equal(after[w][:, -1], torch.zeros_like(after[w][:, -1]))
