@@ -80,13 +80,18 @@ def mixing_entropy(latent: np.ndarray, groups: Sequence, k: int = 50, workers: i
     cell's k nearest other cells, divided by log(number of groups) (1: every neighbourhood holds
     the groups in equal shares; 0: only one group). With unequal group sizes a perfectly mixed
     latent scores the entropy of the group proportions, which is reported beside it."""
+    return float(np.mean(mixing_entropy_per_cell(latent, groups, k, workers)))
+
+
+def mixing_entropy_per_cell(latent: np.ndarray, groups: Sequence, k: int = 50, workers: int = 1) -> np.ndarray:
+    """Each cell's term of mixing_entropy."""
     names, codes = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
     if len(names) < 2:
         raise ValueError("mixing needs at least two groups")
     _, indices = nearest_neighbors(latent, latent, k, workers=workers, exclude_self=True)
     counts = np.zeros((len(codes), len(names)))
     np.add.at(counts, (np.repeat(np.arange(len(codes)), k), codes[indices].reshape(-1)), 1)
-    return float(np.mean(_entropy(counts / k)) / np.log(len(names)))
+    return _entropy(counts / k) / np.log(len(names))
 
 
 def proportions_entropy(groups: Sequence) -> float:
@@ -103,6 +108,11 @@ def _entropy(p: np.ndarray) -> np.ndarray:
 
 def label_purity(latent: np.ndarray, labels: Sequence, k: int = 15, workers: int = 1) -> float:
     """The mean over cells of the share of a cell's k nearest other cells with its own label."""
+    return float(np.mean(label_purity_per_cell(latent, labels, k, workers)))
+
+
+def label_purity_per_cell(latent: np.ndarray, labels: Sequence, k: int = 15, workers: int = 1) -> np.ndarray:
+    """Each cell's term of label_purity."""
     codes = np.unique(np.asarray(labels, dtype=object).astype(str), return_inverse=True)[1]
     _, indices = nearest_neighbors(latent, latent, k, workers=workers, exclude_self=True)
-    return float(np.mean(codes[indices] == codes[:, None]))
+    return np.mean(codes[indices] == codes[:, None], axis=1)

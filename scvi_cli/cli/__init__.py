@@ -15,7 +15,7 @@ import typer
 from typer.exceptions import TyperException
 
 from scvi_cli import __version__
-from scvi_cli.cli import de, embed, evaluate, export, import_model, impute, info, loadings, map_query, sample, train, transfer_labels, vamp_prior
+from scvi_cli.cli import de, embed, evaluate, export, import_model, impute, info, loadings, map_query, report, sample, train, transfer_labels, vamp_prior
 from scvi_cli.device import set_thread_variables
 from scvi_cli.errors import ScviCliError, first_line
 
@@ -65,6 +65,7 @@ COMMANDS = [
     ("map", map_query.map_command, map_query.EPILOG),
     ("transfer-labels", transfer_labels.transfer_labels, transfer_labels.EPILOG),
     ("de", de.de, de.EPILOG),
+    ("report", report.report, report.EPILOG),
 ]
 for _name, _function, _epilog in COMMANDS:
     app.command(name=_name, epilog=_epilog)(_function)

@@ -38,6 +38,9 @@ def train(
     force: bool = typer.Option(False, "--force", help="With --resume: accept a state written for another spec or data."),
     deterministic: bool = typer.Option(False, "--deterministic", help="Deterministic GPU kernels (slower)."),
     backed: bool = options.Backed,
+    report: bool = typer.Option(
+        False, "--report", help="Also write MODEL.report.html (curves, card, latent map of DATA; needs the report extra)."
+    ),
     log_file: Optional[Path] = typer.Option(
         None, "--log-file", help="Append the command line, versions and per-epoch metrics to this file."
     ),
@@ -58,7 +61,11 @@ def train(
 
     ranks = ranks_from_environment()
     if ranks is not None and not ranks.is_main:  # a torchrun rank other than 0: it trains, rank 0 speaks
-        quiet, as_json, log_file = True, False, None
+        quiet, as_json, log_file, report = True, False, None, False
+    if report:  # before the hours of training: the extra must be there
+        from scvi_cli.report import require
+
+        require("matplotlib")
     reporter = make_reporter(quiet)
     if log_file is not None:
         reporter = open_log(log_file, reporter)
@@ -91,6 +98,10 @@ def train(
             reporter.message(summary)
         if log_file is not None:
             reporter.record(summary)
+        if report:
+            written = write_training_report(result.checkpoint_path, data, threads)
+            if not quiet and not as_json:
+                reporter.message(f"wrote {written}")
     except ScviCliError as error:  # the log must say how the run ended, preemption included
         if log_file is not None:
             reporter.record(f"exit {error.exit_code}: {error}")
@@ -98,6 +109,15 @@ def train(
     finally:
         if log_file is not None:
             reporter.close_log()
+
+
+def write_training_report(checkpoint: Path, data: Path, threads) -> Path:
+    """MODEL.report.html beside the checkpoint, with the training data's latent map."""
+    from scvi_cli.report.build import build_report, write_report
+
+    out = checkpoint.with_name(checkpoint.stem + ".report.html")
+    write_report(build_report(checkpoint, data), out)
+    return out
 
 
 def open_log(path: Path, reporter):
