@@ -92,7 +92,7 @@ def test_embed_h5ad_full_and_minimal(tmp_path, ckpt, library, run_cli):
     code, _, err = run_cli("embed", ckpt["condscvi"], PBMC_SMALL, "--out", out, "--minimal", "--obsm-key", "X_emb", *FAST)
     assert code == 0, err
     back = ad.read_h5ad(out)
-    assert list(back.obsm) == ["X_emb"] and back.X.nnz == 0 and not back.layers and not back.uns
+    assert list(back.obsm) == ["X_emb"] and back.X.nnz == 0 and not back.layers and dict(back.uns) == {"source": original.uns["source"]}  # plain uns entries pass through
     assert list(back.obs.columns) == list(original.obs.columns)
     np.testing.assert_allclose(back.obsm["X_emb"], expected, rtol=1e-6)
 

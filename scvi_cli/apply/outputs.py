@@ -518,8 +518,9 @@ def write_h5ad_with_obsm(path: str | os.PathLike, adata: Any, key: str, values: 
     """Write `adata` to `path` with `values` (n_obs x k) as obsm[key].
 
     minimal=True writes only what a downstream tool needs to use the embedding: obs names, obs
-    columns, var names and the obsm entry (X an empty sparse matrix of the right shape), so a
-    latent space of 1M cells does not drag a copy of the counts along.
+    columns, var names, the plain entries of uns (strings and numbers: the ids that evaluation
+    harnesses pass from input to output) and the obsm entry (X an empty sparse matrix of the
+    right shape), so a latent space of 1M cells does not drag a copy of the counts along.
     """
     _require_h5ad(path)
     check_writable(path)
@@ -536,10 +537,17 @@ def write_h5ad_with_obsm(path: str | os.PathLike, adata: Any, key: str, values: 
             var=pd.DataFrame(index=adata.var_names.copy()),
         )
         small.obsm[key] = values
+        small.uns.update({k: v for k, v in adata.uns.items() if _plain_scalar(v)})
         with atomic_write(path) as tmp:
             small.write_h5ad(tmp)
         return
     _write_elements(path, adata, "obsm", {key: values}, adata.obsm)
+
+
+def _plain_scalar(value: Any) -> bool:
+    if isinstance(value, np.ndarray):
+        return value.ndim == 0 and value.dtype.kind in "biufU"
+    return isinstance(value, (str, bool, int, float, np.generic)) and not isinstance(value, np.void)
 
 
 def write_h5ad_with_sample_layers(path: str | os.PathLike, adata: Any, layers: dict[str, Any]) -> None:

@@ -29,6 +29,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -68,7 +69,43 @@ COMMANDS = [
     ("report", report.report, report.EPILOG),
 ]
 for _name, _function, _epilog in COMMANDS:
-    app.command(name=_name, epilog=_epilog)(_function)
+    # the listing shows the docstring's whole first line (click would cut it at ~45 characters)
+    app.command(name=_name, epilog=_epilog, short_help=(_function.__doc__ or "").strip().splitlines()[0])(_function)
+
+# Value placeholders in --help, by annotation: `--out PATH`, `--seed INTEGER`; flags take none.
+_METAVARS = {"Path": "PATH", "int": "INTEGER", "float": "NUMBER", "str": "TEXT"}
+
+
+def _annotation_name(annotation) -> str:
+    import typing
+
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if args:  # Optional[X], list[X]
+        return _annotation_name(args[0])
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def command():
+    """The click command tree of ``app``, with upper-case argument names and plain value
+    placeholders (this Typer shows ``<path>`` and ``{model}``; well-made CLIs show PATH, MODEL)."""
+    import typer.main
+
+    group = typer.main.get_command(app)
+    for sub in group.commands.values():
+        for param in sub.params:
+            if param.metavar is not None:
+                continue
+            if param.param_type_name == "argument":
+                param.metavar = name = param.name.upper()
+                # "scvi-cli embed [OPTIONS] MODEL DATA" (optional ones in brackets), no "<path>" beside
+                param._usage_display_name = lambda name=name, required=param.required: name if required else f"[{name}]"
+                param.display_type_rich = lambda ctx: None
+                continue
+            annotation = getattr(getattr(param, "type_descriptor", None), "annotation", None)
+            name = _annotation_name(annotation)
+            if name != "bool" and not getattr(param, "is_flag", False) and name in _METAVARS:
+                param.metavar = _METAVARS[name]
+    return group
 
 
 def _limit_native_thread_pools(args: list[str]) -> None:
@@ -103,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
-        returned = app(args=args, prog_name="scvi-cli", standalone_mode=False)
+        returned = command().main(args=args, prog_name="scvi-cli", standalone_mode=False)
         code = returned if isinstance(returned, int) else 0
     except TyperException as error:  # usage errors found by the parser: one line, exit 2
         if type(error).__name__ != "NoArgsIsHelpError":  # that one has printed the help already

@@ -14,6 +14,7 @@ from scvi_cli.errors import ScviCliError
 EPILOG = (
     "Examples:\n\n"
     "  scvi-cli train pbmc.h5ad --spec example_configs/scvi_zinb_batch.yaml --out pbmc.ckpt\n\n"
+    "  scvi-cli train pbmc.h5ad --out pbmc.ckpt --batch-key sample --labels-key cell_type\n\n"
     "  scvi-cli train pbmc.h5ad --out pbmc.ckpt --set model.n_latent=20 --set train.max_epochs=50\n\n"
     "  scvi-cli train ref.h5ad --spec example_configs/condscvi.yaml --out ref.ckpt --device cuda --seed 1"
 )
@@ -26,6 +27,8 @@ def train(
     overrides: list[str] = typer.Option([], "--set", help="Override a spec key: SECTION.KEY=VALUE (repeatable)."),
     device: str = options.Device,
     seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Random seed (same as --set train.seed=N)."),
+    batch_key: Optional[str] = typer.Option(None, "--batch-key", help="obs column of the batches (same as --set data.batch_key=KEY)."),
+    labels_key: Optional[str] = typer.Option(None, "--labels-key", help="obs column of the labels (same as --set data.labels_key=KEY)."),
     threads: Optional[int] = options.Threads,
     quiet: bool = options.Quiet,
     as_json: bool = typer.Option(False, "--json", help="Print a final JSON summary on stdout."),
@@ -55,6 +58,7 @@ def train(
     from scvi_cli.spec import load_spec
 
     shortcuts = ([f"train.seed={seed}"] if seed is not None else []) + (["data.backed=true"] if backed else [])
+    shortcuts += [f"data.{name}={value}" for name, value in (("batch_key", batch_key), ("labels_key", labels_key)) if value is not None]
     spec_obj = load_spec(spec, list(overrides) + shortcuts)
     from scvi_cli.training.distributed import ranks_from_environment
     from scvi_cli.training.job import train_from_h5ad

@@ -162,7 +162,7 @@ def backed_count_data(
     for start in range(0, n_file, CHUNK_ROWS):
         stop = min(start + CHUNK_ROWS, n_file)
         chunk = _read_rows(matrix, select, start, stop)
-        _validate_values(chunk, obs_names[start:stop], genes, path, label)
+        _validate_values(chunk, obs_names[start:stop], genes, path, label, adata)
         totals[start:stop] = row_sums(chunk)
         lengths = np.diff(chunk.indptr)
         nnz[start:stop] = lengths

@@ -150,8 +150,30 @@ def _check_unique_genes(genes: Sequence[str], path: str, label: str) -> None:
         )
 
 
-def _validate_values(X: sp.csr_matrix, obs_names: Sequence[str], genes: Sequence[str], path: str, label: str) -> None:
-    """Counts must be finite, non-negative integers; checked on the stored values only."""
+def counts_hint(adata) -> str:
+    """Where the file keeps counts when X does not (X log-normalised is the commonest mistake):
+    '; the file's layers['counts'] holds counts: select it with ...', or '' when nothing does.
+    A layer named like counts (or raw.X) qualifies when its first rows hold integers."""
+    options = [(f"layers[{k!r}]", k, adata.layers[k]) for k in adata.layers.keys()
+               if "count" in k.lower() or k.lower() == "raw"]
+    if adata.raw is not None:
+        options.append(("raw.X", "raw", adata.raw.X))
+    for label, layer, matrix in options:
+        try:
+            block = matrix[: min(500, matrix.shape[0])]
+            values = np.asarray(block.data if sp.issparse(block) else block).ravel()
+        except Exception:  # an unreadable layer gives no hint, not a second error
+            continue
+        if values.size and np.isfinite(values).all() and (values >= 0).all() and (np.rint(values) == values).all() and values.any():
+            return f"; the file's {label} holds counts: select it with --set data.layer={layer} (data.layer: {layer} in the spec)"
+    return ""
+
+
+def _validate_values(
+    X: sp.csr_matrix, obs_names: Sequence[str], genes: Sequence[str], path: str, label: str, adata=None
+) -> None:
+    """Counts must be finite, non-negative integers; checked on the stored values only. For X,
+    ``adata`` lets the error point at a layer that holds the counts."""
     data = X.data[: X.indptr[-1]]
     kind = data.dtype
     if kind == np.bool_ or np.issubdtype(kind, np.unsignedinteger):
@@ -177,7 +199,8 @@ def _validate_values(X: sp.csr_matrix, obs_names: Sequence[str], genes: Sequence
             # numpy's shortest repr ("2.5", not float32's 2.5000000xx); whole numbers without ".0"
             shown = str(int(value)) if np.isfinite(value) and value == int(value) else str(value)
             where = f"first: {shown} at cell {obs_names[row]!r}, gene {genes[X.indices[k]]!r}"
-            raise DataError(f"{path}: {label} holds {what} ({where}); scVI models need raw counts")
+            hint = counts_hint(adata) if adata is not None and label == "X" else ""
+            raise DataError(f"{path}: {label} holds {what} ({where}); scVI models need raw counts{hint}")
 
 
 def _canonical_float32(X: sp.csr_matrix) -> sp.csr_matrix:
@@ -224,7 +247,7 @@ def _validated_counts(
         genes = [str(g) for g in gene_names]
     else:
         _check_unique_genes(genes, path, label)
-    _validate_values(X, [str(o) for o in adata.obs_names], genes, path, label)
+    _validate_values(X, [str(o) for o in adata.obs_names], genes, path, label, adata)
     return _canonical_float32(X), genes, label
 
 
