@@ -400,3 +400,29 @@ def test_map_an_ldvae_reference_keeps_its_loadings(run_cli, split, reference, tm
     assert after[w].shape[1] == before[w].shape[1] + 1
     assert torch.equal(after[w][:, : before[w].shape[1]], before[w])  # loadings and reference batches
     assert not torch.equal(after[w][:, -1], torch.zeros_like(after[w][:, -1]))
+
+
+def test_interrupted_map_resumes_to_the_uninterrupted_weights(split, reference, tmp_path):
+    import os
+    import signal
+
+    from scvi_cli.progress import SilentReporter
+    from scvi_cli.training.job import resume_path_for
+    from scvi_cli.training.mapping import map_query
+    from scvi_cli.training.preemption import TrainingStopped
+
+    class StopAfterFirstEpoch(SilentReporter):
+        def epoch(self, epoch, metrics):
+            if epoch == 0:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    settings = ["train.max_epochs=3", "train.batch_size=16"]
+    whole = map_query(reference, split / "query.h5ad", tmp_path / "whole.ckpt", overrides=settings, threads=1)
+    out = tmp_path / "q.ckpt"
+    with pytest.raises(TrainingStopped):
+        map_query(reference, split / "query.h5ad", out, overrides=settings, threads=1, reporter=StopAfterFirstEpoch())
+    assert resume_path_for(out).exists() and not out.exists()
+    map_query(reference, split / "query.h5ad", out, overrides=settings, threads=1, resume=True)
+    a, b = load_checkpoint(out), load_checkpoint(whole.checkpoint_path)
+    assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in b.state_dict)
+    assert a.training["mapping"] == b.training["mapping"]
