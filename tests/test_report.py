@@ -73,8 +73,10 @@ def test_warnings_say_when_the_kl_weight_never_reached_one():
     warnings = training_warnings(_checkpoint(kl_weight=[0.0, 0.0025, 0.005]))
     assert any("KL weight never reached 1" in w and "3 epochs ran against a KL warm-up of 400" in w for w in warnings)
     assert training_warnings(_checkpoint(kl_weight=[0.5, 1.0])) == []
-    rising = list(np.linspace(100, 50, 10)) + [60.0]
-    assert any("overfit" in w for w in training_warnings(_checkpoint(kl_weight=[1.0] * 11, elbo_validation=rising)))
+    rising = list(np.linspace(100, 50, 10)) + [60.0] * 5
+    assert any("overfit" in w for w in training_warnings(_checkpoint(kl_weight=[1.0] * 15, elbo_validation=rising)))
+    one_noisy_epoch = list(np.linspace(100, 50, 14)) + [60.0]
+    assert not training_warnings(_checkpoint(kl_weight=[1.0] * 15, elbo_validation=one_noisy_epoch))
     assert any("no training history" in w for w in training_warnings(_checkpoint()))
 
 

@@ -45,12 +45,12 @@ def training_warnings(checkpoint) -> list[str]:
             "assumes; set train.max_epochs at or above train.kl_warmup_epochs, or lower the warm-up."
         )
     validation = history.get("elbo_validation", [])
-    if len(validation) >= 10:
-        best = int(np.argmin(validation))
-        if best < len(validation) - 1 and validation[-1] > validation[best] * 1.01:
+    if len(validation) >= 10:  # a sustained rise, not one noisy epoch: the last 5 epochs' mean
+        best, tail = int(np.argmin(validation)), float(np.mean(validation[-5:]))
+        if best < len(validation) - 5 and tail > validation[best] * 1.01:
             warnings.append(
-                f"The validation negative ELBO was lowest at epoch {best} ({validation[best]:.2f}) and ended "
-                f"{validation[-1] - validation[best]:.2f} higher: the model may overfit (train.early_stopping)."
+                f"The validation negative ELBO was lowest at epoch {best} ({validation[best]:.2f}); its mean over "
+                f"the last 5 epochs is {tail - validation[best]:.2f} higher: the model may overfit (train.early_stopping)."
             )
     if training.get("stopped_early"):
         warnings.append(f"Early stopping ended training at epoch {training.get('epochs_run')}; the weights are those of epoch {training.get('best_epoch')}.")
