@@ -45,7 +45,7 @@ class TrainedModel:
         return self.checkpoint.model_type
 
     def load_query(
-        self, data_path: str | Path, allow_missing_genes: bool = False, backed: bool = False
+        self, data_path: str | Path, allow_missing_genes: bool = False, backed: bool = False, keep_counts: bool = True
     ) -> tuple[AnnData, CountData]:
         """(AnnData, CountData) of ``data_path`` shaped for this model: read once, the AnnData
         kept for h5ad outputs.
@@ -53,7 +53,9 @@ class TrainedModel:
         Genes are matched to the model's by name (any order); missing genes are an error unless
         ``allow_missing_genes`` fills them with zeros (with a warning saying how many); unknown
         batch or label categories are an error naming them. With ``backed`` the counts stay on
-        disk (the AnnData is backed, the CountData reads rows as needed).
+        disk (the AnnData is backed, the CountData reads rows as needed). Without ``keep_counts``
+        (the output is not a copy of the input file) the AnnData gives up its count matrices once
+        the CountData holds them, so the counts are in memory once, not twice.
         """
         adata = read_h5ad(data_path, backed=backed)
         data_spec, categories = self.spec.data, self.checkpoint.categories
@@ -76,7 +78,14 @@ class TrainedModel:
             categories=categories,
             gene_names=self.checkpoint.gene_names,
             allow_missing_genes=allow_missing_genes,
+            consume=not keep_counts,
         )
+        if not keep_counts:
+            adata.X = None
+            for name in list(adata.layers.keys()):
+                del adata.layers[name]
+            if adata.raw is not None:
+                del adata.raw
         return adata, query
 
 

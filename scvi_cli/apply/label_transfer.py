@@ -24,7 +24,7 @@ class LabelTransfer:
 
 
 def _embed(trained: TrainedModel, path, allow_missing_genes, backed, batch_size, device):
-    adata, data = trained.load_query(path, allow_missing_genes, backed=backed)
+    adata, data = trained.load_query(path, allow_missing_genes, backed=backed, keep_counts=False)
     latent = np.concatenate(list(queries.iter_latent(trained.module, data, batch_size=batch_size, device=device)))
     obs = adata.obs if data.kept_cells is None else adata.obs.iloc[np.flatnonzero(data.kept_cells)]
     return latent, obs, data

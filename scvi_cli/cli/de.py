@@ -68,7 +68,7 @@ def de(
         mode=mode, delta=delta, n_samples=n_samples, batch_correction=batch_correction, transform_batch=codes,
         fdr=fdr, pseudocounts=pseudocounts, seed=seed, min_cells=min_cells, batch_size=batch_size,
     )
-    adata, query = trained.load_query(data, allow_missing_genes, backed=backed)
+    adata, query = trained.load_query(data, allow_missing_genes, backed=backed, keep_counts=False)
     obs = adata.obs if query.kept_cells is None else adata.obs.iloc[query.kept_cells.nonzero()[0]]
     groups = _obs_column(obs, groupby, "--groupby", str(data))
     reporter = make_reporter(quiet)

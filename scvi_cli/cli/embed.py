@@ -50,7 +50,7 @@ def embed(
     if minimal and fmt != ".h5ad":
         raise UsageError(f"--minimal applies to .h5ad outputs only, not {out}")
     trained, torch_device = options.load_model(model, device, threads)
-    adata, query = trained.load_query(data, allow_missing_genes, backed=backed)
+    adata, query = trained.load_query(data, allow_missing_genes, backed=backed, keep_counts=fmt == ".h5ad" and not minimal)
     if fmt == ".h5ad" and not minimal:
         refuse_existing(data, "obsm", adata.obsm, [obsm_key], "--obsm-key")
 

@@ -33,7 +33,7 @@ def evaluate(
     from scvi_cli.apply.evaluation import evaluate_model
 
     trained, torch_device = options.load_model(model, device, threads)
-    _, query = trained.load_query(data, allow_missing_genes=allow_missing_genes, backed=backed)
+    _, query = trained.load_query(data, allow_missing_genes=allow_missing_genes, backed=backed, keep_counts=False)
     metrics = evaluate_model(
         trained.module, query, n_mc_samples=n_mc_samples, batch_size=batch_size, seed=seed, device=torch_device
     )

@@ -63,7 +63,7 @@ def impute(
     model_genes = list(trained.checkpoint.gene_names)
     gene_index = None if wanted is None else queries.gene_indices(model_genes, wanted)
     gene_names = model_genes if wanted is None else wanted
-    adata, query = trained.load_query(data, allow_missing_genes, backed=backed)
+    adata, query = trained.load_query(data, allow_missing_genes, backed=backed, keep_counts=fmt == ".h5ad")
     if fmt == ".h5ad":
         refuse_existing(data, "layers", adata.layers, [layer_name], "--layer-name")
 

@@ -50,7 +50,7 @@ def sample(
         raise UsageError(f"--n-samples {n_samples}: a {fmt} table holds one sample; write several to .h5ad (layers sample_0 ..)")
     trained, torch_device = options.load_model(model, device, threads)
     code = None if transform_batch is None else queries.batch_codes(trained.checkpoint.categories, [transform_batch])[0]
-    adata, query = trained.load_query(data, allow_missing_genes, backed=backed)
+    adata, query = trained.load_query(data, allow_missing_genes, backed=backed, keep_counts=fmt == ".h5ad")
     if fmt == ".h5ad":
         refuse_existing(data, "layers", adata.layers, [f"sample_{s}" for s in range(n_samples)], "the sample layers")
     genes = list(trained.checkpoint.gene_names)

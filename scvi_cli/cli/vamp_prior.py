@@ -47,7 +47,7 @@ def vamp_prior(
     trained, torch_device = options.load_model(model, device, threads)
     if trained.model_type != "condscvi":
         raise UsageError(f"{model}: holds a {trained.model_type} model; vamp-prior needs a condscvi model")
-    _, query = trained.load_query(data, allow_missing_genes)
+    _, query = trained.load_query(data, allow_missing_genes, keep_counts=False)
     prior = queries.vamp_prior(
         trained.module, query, p=p, batch_size=batch_size, seed=seed, device=torch_device,
         source=str(model), reporter=progress_bar(quiet),

@@ -163,7 +163,7 @@ def build_report(
         report.images.append(("training_curves", "Training curves per epoch (validation dashed).", figures.training_curves(checkpoint.history)))
     if data_path is None:
         return report
-    adata, data = trained.load_query(data_path, allow_missing_genes, backed=backed)
+    adata, data = trained.load_query(data_path, allow_missing_genes, backed=backed, keep_counts=False)
     obs = adata.obs if data.kept_cells is None else adata.obs.iloc[np.flatnonzero(data.kept_cells)]
     spec = trained.spec.data
     if colors is None:
