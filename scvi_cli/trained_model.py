@@ -60,8 +60,9 @@ class TrainedModel:
         adata = read_h5ad(data_path, backed=backed)
         data_spec, categories = self.spec.data, self.checkpoint.categories
         labels_key = data_spec.labels_key
-        if labels_key is not None and labels_key not in adata.obs.columns and not model_uses_labels(self.module):
-            # the model ignores labels: cells without the column (e.g. a query) are coded as one
+        if labels_key is not None and not model_uses_labels(self.module):
+            # the model ignores labels: whatever the column holds (missing, NaN, new values, as
+            # query files do), every cell is coded as the one category
             data_spec = data_spec.model_copy(update={"labels_key": None})
             categories = {**categories, "labels": [NO_KEY_CATEGORY]}
         if backed:

@@ -125,7 +125,7 @@ def test_batch_correction_decodes_each_batch_and_pairs_within_it(trained, monkey
         (0, 0): 0.1, (0, 1): 0.4, (40, 0): 0.2, (40, 1): 0.1,
     }
 
-    def fake(module, data, cells, n, code, rng, device="cpu", batch_size=1024):
+    def fake(module, data, cells, n, code, rng, device="cpu"):
         calls.append((int(cells[0]), code, n))
         values = np.ones((n, data.n_genes), dtype=np.float32)
         values[:, 0] = fixed[(int(cells[0]), code)]
@@ -167,8 +167,8 @@ def test_de_command_each_format(run_cli, trained, tmp_path, ext):
         table = pd.read_csv(out, sep="\t", index_col=0)
     elif ext == "parquet":
         table = pd.read_parquet(out).set_index("gene")
-    else:
-        table = ad.read_h5ad(out).obs
+    else:  # obs names must be unique: genes (once per comparison) are a column there
+        table = ad.read_h5ad(out).obs.set_index("gene")
     assert list(table.columns) == COLUMNS
     assert list(table["comparison"].unique()) == ["A vs Rest", "B vs Rest"]
     assert len(table) == 2 * data.n_genes
@@ -194,6 +194,8 @@ def test_de_pairwise_vanilla_and_deterministic(run_cli, trained, tmp_path):
     assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
     table = pd.read_csv(tmp_path / "a.csv")
     assert set(table["comparison"]) == {"B vs A"} and len(table) == data.n_genes
+    assert run_cli(*args, "--group1", "B", "--out", tmp_path / "twice.csv")[0] == 0  # B named twice: once
+    assert len(pd.read_csv(tmp_path / "twice.csv")) == data.n_genes
     assert run_cli(*args, "--out", tmp_path / "v.csv", "--mode", "vanilla")[0] == 0
     vanilla = pd.read_csv(tmp_path / "v.csv")
     assert list(vanilla.columns[1:6]) == ["proba_m1", "proba_m2", "bayes_factor", "scale1", "scale2"]
@@ -217,4 +219,9 @@ def test_de_bad_inputs(run_cli, trained, tmp_path):
     assert code == 2 and "--batch-correction" in err
     code, _, err = run_cli("de", ckpt, PBMC_SMALL, "--groupby", "cell_type", "--mode", "bayes", "--out", out)
     assert code == 2 and "--mode bayes" in err
+    one = ad.read_h5ad(PBMC_SMALL)
+    one.obs["sample"] = "s1"
+    one.write_h5ad(tmp_path / "one_group.h5ad")
+    code, _, err = run_cli("de", ckpt, tmp_path / "one_group.h5ad", "--groupby", "sample", "--group2", "s1", "--out", out)
+    assert code == 1 and "has a single group ('s1'); nothing to compare" in err
     assert not out.exists() and not list(tmp_path.glob(".*de.csv*"))

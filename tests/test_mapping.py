@@ -268,6 +268,25 @@ def test_map_end_to_end(run_cli, split, reference, tmp_path):
         assert code == 0, (args[0], err)
 
 
+def test_mapped_model_ignores_the_labels_a_query_carries(run_cli, split, reference, tmp_path):
+    """The reference was trained with a labels key its model does not use: query files with NaN or
+    unseen labels in that column are embedded and labelled all the same."""
+    out = tmp_path / "q.ckpt"
+    assert run_cli("map", reference, split / "query.h5ad", "--out", out, "--set", "train.max_epochs=1", "-q")[0] == 0
+    query = ad.read_h5ad(split / "query.h5ad")
+    query.obs["cell_type"] = pd.Categorical(["C"] * 10 + [None] * (query.n_obs - 10))
+    query.write_h5ad(tmp_path / "odd_labels.h5ad")
+    ref = ad.read_h5ad(split / "ref2.h5ad")
+    ref.obs["cell_type"] = ref.obs["cell_type"].astype(object)
+    ref.obs.iloc[:5, ref.obs.columns.get_loc("cell_type")] = None
+    ref.write_h5ad(tmp_path / "ref_some_unlabelled.h5ad")
+    assert run_cli("embed", out, tmp_path / "odd_labels.h5ad", "--out", tmp_path / "z.npy", "-q")[0] == 0
+    code, _, err = run_cli("transfer-labels", "--reference", tmp_path / "ref_some_unlabelled.h5ad", "--query",
+                           tmp_path / "odd_labels.h5ad", "--model", out, "--labels-key", "cell_type", "--out", tmp_path / "p.csv")
+    assert code == 0, err
+    assert "(5 without a label left out)" in err
+
+
 def test_transfer_labels_end_to_end_matches_a_hand_vote(run_cli, split, reference, tmp_path):
     out = tmp_path / "q.ckpt"
     assert run_cli("map", reference, split / "query.h5ad", "--out", out, "--set", "train.max_epochs=2", "-q")[0] == 0
@@ -402,7 +421,7 @@ def test_map_an_ldvae_reference_keeps_its_loadings(run_cli, split, reference, tm
     assert not torch.equal(after[w][:, -1], torch.zeros_like(after[w][:, -1]))
 
 
-def test_interrupted_map_resumes_to_the_uninterrupted_weights(split, reference, tmp_path):
+def test_interrupted_map_resumes_to_the_uninterrupted_weights(split, reference, tmp_path, monkeypatch):
     import os
     import signal
 
@@ -422,7 +441,11 @@ def test_interrupted_map_resumes_to_the_uninterrupted_weights(split, reference, 
     with pytest.raises(TrainingStopped):
         map_query(reference, split / "query.h5ad", out, overrides=settings, threads=1, reporter=StopAfterFirstEpoch())
     assert resume_path_for(out).exists() and not out.exists()
-    map_query(reference, split / "query.h5ad", out, overrides=settings, threads=1, resume=True)
+    # the reference spelled another way (relative, from another directory) is the same reference
+    monkeypatch.chdir(reference.parent)
+    map_query(reference.name, split / "query.h5ad", out, overrides=settings, threads=1, resume=True)
     a, b = load_checkpoint(out), load_checkpoint(whole.checkpoint_path)
     assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in b.state_dict)
-    assert a.training["mapping"] == b.training["mapping"]
+    assert a.training["mapping"]["reference"] == "ref.ckpt"  # recorded as given
+    assert {k: v for k, v in a.training["mapping"].items() if k != "reference"} == {
+        k: v for k, v in b.training["mapping"].items() if k != "reference"}

@@ -131,6 +131,10 @@ def test_report_default_colours_and_sampling(run_cli, model, tmp_path, monkeypat
     text = out.read_text()
     assert 'id="latent_batch"' in text and 'id="latent_cell_type"' in text
     assert "60 of 80 cells" in text and "seed 2; --max-cells 60" in text
+    # too few cells for UMAP: auto takes PCA
+    monkeypatch.setattr("scvi_cli.report.build.umap_available", lambda: True)
+    assert run_cli("report", model, PBMC_SMALL, "--out", out, "--max-cells", "3", "-q")[0] == 0
+    assert "map: PCA" in out.read_text()
 
 
 def test_report_bad_inputs(run_cli, model, tmp_path):
@@ -140,6 +144,8 @@ def test_report_bad_inputs(run_cli, model, tmp_path):
     assert code == 2 and "an .html file" in err
     code, _, err = run_cli("report", model, "--out", tmp_path / "r.html", "--map", "tsne")
     assert code == 2 and "--map tsne" in err
+    code, _, err = run_cli("report", model, PBMC_SMALL, "--out", tmp_path / "r.html", "--labels-key", "cell_typ")
+    assert code == 1 and "obs has no column 'cell_typ' (--labels-key)" in err
     assert not list(tmp_path.iterdir())
 
 

@@ -50,7 +50,6 @@ class DESettings:
     pseudocounts: float | None = None  # None: estimated per comparison
     seed: int = 0
     min_cells: int = 3
-    batch_size: int = 1024
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -90,13 +89,15 @@ def comparisons(
     categories = [str(c) for c in column.cat.categories]
     values = column.astype(str).to_numpy()
     present = set(values)
+    categories = [c for c in categories if c in present]  # unused categories are no groups
     for name in [*(group1 or []), *([group2] if group2 is not None else [])]:
         if name not in present:
             shown = ", ".join(repr(c) for c in categories[:20]) + (", ..." if len(categories) > 20 else "")
             raise DataError(f"{source}: obs[{key!r}] has no cells of group {name!r} (groups: {shown})")
     if group1 is None:
-        group1 = [c for c in categories if c in present and c != group2]
-    if group2 is None and len(present) < 2:
+        group1 = [c for c in categories if c != group2]
+    group1 = list(dict.fromkeys(group1))  # a group named twice is compared once
+    if len(present) < 2 or not group1:
         raise DataError(f"{source}: obs[{key!r}] has a single group ({categories[0]!r}); nothing to compare")
     result = []
     for name in group1:
@@ -120,11 +121,12 @@ def comparisons(
 @torch.no_grad()
 def scale_samples(
     module: nn.Module, data: CountData, cells: np.ndarray, n: int, code: int | None, rng: np.random.Generator,
-    device="cpu", batch_size: int = 1024,
+    device="cpu",
 ) -> np.ndarray:
     """(n, genes) float32 px_scale samples of ``cells`` decoded as batch ``code`` (None: each
     cell's own): picked uniformly with replacement from a pool of ``n // len(cells) + 1``
-    posterior draws per cell; only the picked pool entries are decoded."""
+    posterior draws per cell; only the picked pool entries are decoded, in blocks of about
+    DRAWS_PER_STEP draws (fixed, so that the seeded draws depend on no other setting)."""
     n_cells = len(cells)
     draws = n // n_cells + 1
     picks = rng.integers(0, draws * n_cells, size=n)  # pool entry e: draw e // n_cells of cell e % n_cells
@@ -135,7 +137,7 @@ def scale_samples(
     counts = np.diff(np.append(first, len(order)))  # distinct draws needed per cell
     samples = np.empty((len(entries), data.n_genes), dtype=np.float32)
     module.eval()
-    step_cells = max(1, min(batch_size, DRAWS_PER_STEP // max(1, int(counts.max()))))
+    step_cells = max(1, DRAWS_PER_STEP // max(1, int(counts.max())))
     done = 0
     for batch in iterate_in_order(data, step_cells, indices=cells[needed_cells], layout=count_layout(device)):
         batch = batch.to(device)
@@ -161,7 +163,7 @@ def group_samples(module, data, cells, settings: DESettings, codes: list[int | N
         warnings.warn(f"--n-samples {settings.n_samples} over {len(codes)} batches: 2 samples per batch", UserWarning)
         n = 2
     return np.concatenate(
-        [scale_samples(module, data, cells, n, code, rng, device, settings.batch_size) for code in codes]
+        [scale_samples(module, data, cells, n, code, rng, device) for code in codes]
     )
 
 

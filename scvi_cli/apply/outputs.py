@@ -588,6 +588,9 @@ def write_frame(path: str | os.PathLike, frame: pd.DataFrame, index_name: str = 
         obs.index.name = None
         if index_name in obs.columns:
             raise UsageError(f"{path}: column {index_name!r} clashes with the index name")
+        if not obs.index.is_unique:  # e.g. genes once per comparison: obs names must be unique
+            obs = obs.reset_index(names=index_name)
+            obs.index = obs.index.astype(str)
         adata = anndata.AnnData(obs=obs)
         with atomic_write(path) as tmp:
             adata.write_h5ad(tmp)

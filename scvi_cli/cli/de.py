@@ -44,7 +44,6 @@ def de(
     pseudocounts: Optional[float] = typer.Option(None, "--pseudocounts", min=0.0, help="Pseudocount of the LFC (default: estimated)."),
     min_cells: int = typer.Option(3, "--min-cells", min=1, help="Fewest cells a compared group may have."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of the posterior sampling."),
-    batch_size: int = options.InferenceBatchSize,
     device: str = options.Device,
     threads: Optional[int] = options.Threads,
     allow_missing_genes: bool = options.AllowMissingGenes,
@@ -66,7 +65,7 @@ def de(
     codes = tuple(queries.batch_codes(trained.checkpoint.categories, transform_batch)) if transform_batch else None
     settings = DESettings(
         mode=mode, delta=delta, n_samples=n_samples, batch_correction=batch_correction, transform_batch=codes,
-        fdr=fdr, pseudocounts=pseudocounts, seed=seed, min_cells=min_cells, batch_size=batch_size,
+        fdr=fdr, pseudocounts=pseudocounts, seed=seed, min_cells=min_cells,
     )
     adata, query = trained.load_query(data, allow_missing_genes, backed=backed, keep_counts=False)
     obs = adata.obs if query.kept_cells is None else adata.obs.iloc[query.kept_cells.nonzero()[0]]

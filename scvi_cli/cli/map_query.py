@@ -38,7 +38,8 @@ def map_command(
     ),
     freeze_decoder_first_layer: bool = typer.Option(
         True, "--freeze-decoder-first-layer/--no-freeze-decoder-first-layer",
-        help="Keep the decoder's first layer (its new covariate columns still learn).",
+        help="Keep the decoder's first layer (its new covariate columns still learn); scVI's px_decoder only, "
+        "LDVAE's linear decoder keeps its loadings either way.",
     ),
     freeze_batchnorm_encoder: bool = typer.Option(
         True, "--freeze-batchnorm-encoder/--no-freeze-batchnorm-encoder", help="Keep the encoders' batch norm."

@@ -14,9 +14,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from scvi_cli.errors import UsageError
 from scvi_cli.report import figures, umap_available
 
 DEFAULT_MAX_CELLS = 10_000
+MIN_UMAP_CELLS = 10  # below this UMAP's spectral start fails; PCA is used
 MIXING_K, PURITY_K = 50, 15
 
 
@@ -38,11 +40,14 @@ def training_warnings(checkpoint) -> list[str]:
     weights = history.get("kl_weight", [])
     if weights and weights[-1] < 1.0:
         warmup = spec.get("train", {}).get("kl_warmup_epochs")
+        cause = (
+            "train.max_epochs was left to the heuristic, which gives fewer epochs above about 20k cells (under 160 above 50k)"
+            if spec.get("train", {}).get("max_epochs") is None else "train.max_epochs is below train.kl_warmup_epochs"
+        )
         warnings.append(
             f"The KL weight never reached 1 (last epoch: {weights[-1]:.3g}): {training.get('epochs_run', len(weights))} "
-            f"epochs ran against a KL warm-up of {warmup}. The default max_epochs heuristic gives fewer epochs "
-            "above about 20k cells (under 160 above 50k), so the latent is regularised less than the ELBO "
-            "assumes; set train.max_epochs at or above train.kl_warmup_epochs, or lower the warm-up."
+            f"epochs ran against a KL warm-up of {warmup} ({cause}), so the latent is regularised less than the "
+            "ELBO assumes; set train.max_epochs at or above train.kl_warmup_epochs, or lower the warm-up."
         )
     validation = history.get("elbo_validation", [])
     if len(validation) >= 10:  # a sustained rise, not one noisy epoch: the last 5 epochs' mean
@@ -100,7 +105,9 @@ def subsample(n_cells: int, max_cells: int, seed: int) -> np.ndarray:
 def two_dimensional(latent: np.ndarray, method: str, seed: int) -> tuple[np.ndarray, str]:
     """(cells x 2 coordinates, a description): UMAP when asked for or available, else PCA."""
     if method == "auto":
-        method = "umap" if umap_available() else "pca"
+        method = "umap" if umap_available() and len(latent) >= MIN_UMAP_CELLS else "pca"
+    if method == "umap" and len(latent) < MIN_UMAP_CELLS:
+        raise UsageError(f"--map umap needs at least {MIN_UMAP_CELLS} cells, the sample has {len(latent)} (use --map pca)")
     if method == "umap":
         from scvi_cli.report import require
 
@@ -171,6 +178,8 @@ def build_report(
     missing = [k for k in colors if k not in obs.columns]
     if missing:
         raise DataError(f"{data_path}: obs has no column {missing[0]!r} (--color)")
+    if labels_key is not None and labels_key not in obs.columns:
+        raise DataError(f"{data_path}: obs has no column {labels_key!r} (--labels-key)")
     cells = subsample(data.n_cells, max_cells, seed)
     started = time.perf_counter()
     latent = _latent(trained, data, cells, device)

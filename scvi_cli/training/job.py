@@ -136,7 +136,11 @@ class FreshModel:
         """Called on the fitted module before its checkpoint is written."""
 
     def facts(self) -> dict:
-        """Extra entries of the checkpoint's training facts (part of the run fingerprint)."""
+        """Extra entries of the checkpoint's training facts."""
+        return {}
+
+    def identity(self) -> dict:
+        """What, beyond the spec and the data, makes a run this run (part of its fingerprint)."""
         return {}
 
 
@@ -248,8 +252,8 @@ def _train(
 
     data = setup.load_data(data_path, spec)
     fingerprint = run_fingerprint(spec, data)
-    if setup.facts():
-        fingerprint = hashlib.sha256((fingerprint + json.dumps(setup.facts(), sort_keys=True)).encode()).hexdigest()
+    if setup.identity():
+        fingerprint = hashlib.sha256((fingerprint + json.dumps(setup.identity(), sort_keys=True)).encode()).hexdigest()
     seed = spec.train.seed
     settings = train_settings(spec, data.n_cells)
     train_idx, validation_idx = train_validation_split(

@@ -218,6 +218,11 @@ class QuerySurgery(FreshModel):
         """Remove the gradient hooks and the batch norms' hold on eval mode."""
         release_query_training(self._held_norms, self._hooks)
 
+    def identity(self) -> dict:
+        """The reference by content (not by path: a resumed run may spell it differently)."""
+        return {"reference_sha256": self.reference_sha256, "new_categories": self.new_categories,
+                "options": asdict(self.options)}
+
     def facts(self) -> dict:
         mapping = {
             "reference": str(self.reference.path),
@@ -442,7 +447,7 @@ def _map_as_is(setup: QuerySurgery, query_path, spec: Spec, out_path) -> TrainRe
     training = {**ref.training, **setup.facts()}
     training["mapping"]["trained"] = []
     checkpoint = Checkpoint(
-        model_type=ref.model_type, spec=ref.spec, model_kwargs=ref.model_kwargs, gene_names=ref.gene_names,
+        model_type=ref.model_type, spec=spec.to_dict(), model_kwargs=ref.model_kwargs, gene_names=ref.gene_names,
         categories=ref.categories, state_dict=ref.state_dict, history=ref.history, training=training,
         versions=ref.versions,
     )
