@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -31,6 +32,20 @@ def model_uses_labels(module: nn.Module) -> bool:
     from scvi_cli.models import VAEC
 
     return isinstance(module, VAEC) or getattr(module, "dispersion", None) == "gene-label"
+
+
+def ignoring_labels(module: nn.Module, data_spec, categories: dict[str, list[str]]):
+    """(data spec, categories) to read cells with: for a model that ignores labels, whatever the
+    labels column holds (missing, NaN, new values, as query files do), every cell is coded as
+    the one category; otherwise both unchanged."""
+    if data_spec.labels_key is None or model_uses_labels(module):
+        return data_spec, categories
+    return data_spec.model_copy(update={"labels_key": None}), {**categories, "labels": [NO_KEY_CATEGORY]}
+
+
+def kept_obs(adata: AnnData, data: CountData):
+    """adata.obs aligned with ``data``'s cells (those with zero total counts left out)."""
+    return adata.obs if data.kept_cells is None else adata.obs.iloc[np.flatnonzero(data.kept_cells)]
 
 
 @dataclass
@@ -58,13 +73,7 @@ class TrainedModel:
         the CountData holds them, so the counts are in memory once, not twice.
         """
         adata = read_h5ad(data_path, backed=backed)
-        data_spec, categories = self.spec.data, self.checkpoint.categories
-        labels_key = data_spec.labels_key
-        if labels_key is not None and not model_uses_labels(self.module):
-            # the model ignores labels: whatever the column holds (missing, NaN, new values, as
-            # query files do), every cell is coded as the one category
-            data_spec = data_spec.model_copy(update={"labels_key": None})
-            categories = {**categories, "labels": [NO_KEY_CATEGORY]}
+        data_spec, categories = ignoring_labels(self.module, self.spec.data, self.checkpoint.categories)
         if backed:
             from scvi_cli.data.backed import backed_count_data
 

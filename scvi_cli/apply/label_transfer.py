@@ -12,7 +12,7 @@ from scvi_cli.apply import queries
 from scvi_cli.apply.integration import transfer_by_vote
 from scvi_cli.data.categories import _obs_column
 from scvi_cli.errors import DataError
-from scvi_cli.trained_model import TrainedModel
+from scvi_cli.trained_model import TrainedModel, kept_obs
 
 
 @dataclass
@@ -26,7 +26,7 @@ class LabelTransfer:
 def _embed(trained: TrainedModel, path, allow_missing_genes, backed, batch_size, device):
     adata, data = trained.load_query(path, allow_missing_genes, backed=backed, keep_counts=False)
     latent = np.concatenate(list(queries.iter_latent(trained.module, data, batch_size=batch_size, device=device)))
-    obs = adata.obs if data.kept_cells is None else adata.obs.iloc[np.flatnonzero(data.kept_cells)]
+    obs = kept_obs(adata, data)
     return latent, obs, data
 
 

@@ -136,12 +136,12 @@ def drain(blocks: Iterable, sink: Callable, reporter=None, total: int = 0, descr
         reporter.close()
 
 
-def _minibatches(module: nn.Module, data: CountData, batch_size: int, device) -> Iterator[Minibatch]:
+def _minibatches(module: nn.Module, data: CountData, batch_size: int, device, cells=None) -> Iterator[Minibatch]:
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     module.eval()
     retain_memory_for_wide_minibatches(batch_size, data.n_genes)
-    for batch in iterate_in_order(data, batch_size, layout=count_layout(device)):
+    for batch in iterate_in_order(data, batch_size, indices=cells, layout=count_layout(device)):
         yield batch.to(device)
 
 
@@ -163,15 +163,17 @@ def iter_latent(
     batch_size: int = DEFAULT_BATCH_SIZE,
     seed: int = 0,
     device="cpu",
+    cells: np.ndarray | None = None,
 ) -> Iterator[np.ndarray]:
     """(B, n_latent) float32 blocks of ``module.latent``: the posterior mean of z, or one posterior
     draw with ``sample``. For the logistic-normal latent the mean is E[softmax(z)] over
-    ``mc_samples`` draws, and a draw is softmax(z).
+    ``mc_samples`` draws, and a draw is softmax(z). ``cells`` (increasing positions) limits it
+    to those cells.
     """
     _check_module(module)
     torch.manual_seed(seed)
     with torch.no_grad():
-        for batch in _minibatches(module, data, batch_size, device):
+        for batch in _minibatches(module, data, batch_size, device, cells):
             yield module.latent(batch, give_mean=not sample, mc_samples=mc_samples).float().cpu().numpy()
 
 

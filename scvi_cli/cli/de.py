@@ -57,6 +57,7 @@ def de(
     from scvi_cli.data.categories import _obs_column
     from scvi_cli.errors import UsageError
     from scvi_cli.progress import make_reporter
+    from scvi_cli.trained_model import kept_obs
 
     check_output(out, data, model)
     if transform_batch and not batch_correction:
@@ -68,8 +69,7 @@ def de(
         fdr=fdr, pseudocounts=pseudocounts, seed=seed, min_cells=min_cells,
     )
     adata, query = trained.load_query(data, allow_missing_genes, backed=backed, keep_counts=False)
-    obs = adata.obs if query.kept_cells is None else adata.obs.iloc[query.kept_cells.nonzero()[0]]
-    groups = _obs_column(obs, groupby, "--groupby", str(data))
+    groups = _obs_column(kept_obs(adata, query), groupby, "--groupby", str(data))
     reporter = make_reporter(quiet)
     table = differential_expression(
         trained.module, query, groups, groupby, group1=list(group1) or None, group2=group2, settings=settings,

@@ -52,13 +52,11 @@ def map_command(
     threads: Optional[int] = options.Threads,
     allow_missing_genes: bool = options.AllowMissingGenes,
     backed: bool = options.Backed,
-    checkpoint_every: Optional[int] = typer.Option(
-        None, "--checkpoint-every", min=1, help="Write a resumable state (OUT.resume.ckpt) every N epochs."
-    ),
-    resume: bool = typer.Option(False, "--resume", help="Continue from OUT.resume.ckpt when it exists."),
-    force: bool = typer.Option(False, "--force", help="With --resume: accept a state written for another run."),
+    checkpoint_every: Optional[int] = options.CheckpointEvery,
+    resume: bool = options.Resume,
+    force: bool = options.Force,
     quiet: bool = options.Quiet,
-    as_json: bool = typer.Option(False, "--json", help="Print a final JSON summary on stdout."),
+    as_json: bool = options.Json,
 ) -> None:
     """Map query cells onto a reference model: new batch weights trained, the reference frozen."""
     from scvi_cli.progress import make_reporter

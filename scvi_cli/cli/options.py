@@ -14,6 +14,13 @@ Quiet = typer.Option(False, "--quiet", "-q", help="No progress output.")
 Backed = typer.Option(
     False, "--backed", help="Read the counts from the file as needed instead of loading them (memory stays flat with cells)."
 )
+# The resumable runs (train, map): OUT.resume.ckpt beside the output checkpoint.
+CheckpointEvery = typer.Option(
+    None, "--checkpoint-every", min=1, help="Write a resumable state (MODEL.resume.ckpt) every N epochs."
+)
+Resume = typer.Option(False, "--resume", help="Continue from MODEL.resume.ckpt when it exists (start afresh otherwise).")
+Force = typer.Option(False, "--force", help="With --resume: accept a state written for another spec or data.")
+Json = typer.Option(False, "--json", help="Print a final JSON summary on stdout.")
 Model = typer.Argument(..., help="Checkpoint written by `scvi-cli train`.")
 QueryData = typer.Argument(..., help="h5ad with the model's genes (matched by name, any order).")
 

@@ -31,14 +31,10 @@ def train(
     labels_key: Optional[str] = typer.Option(None, "--labels-key", help="obs column of the labels (same as --set data.labels_key=KEY)."),
     threads: Optional[int] = options.Threads,
     quiet: bool = options.Quiet,
-    as_json: bool = typer.Option(False, "--json", help="Print a final JSON summary on stdout."),
-    checkpoint_every: Optional[int] = typer.Option(
-        None, "--checkpoint-every", min=1, help="Write a resumable state (MODEL.resume.ckpt) every N epochs."
-    ),
-    resume: bool = typer.Option(
-        False, "--resume", help="Continue from MODEL.resume.ckpt when it exists (start afresh otherwise)."
-    ),
-    force: bool = typer.Option(False, "--force", help="With --resume: accept a state written for another spec or data."),
+    as_json: bool = options.Json,
+    checkpoint_every: Optional[int] = options.CheckpointEvery,
+    resume: bool = options.Resume,
+    force: bool = options.Force,
     deterministic: bool = typer.Option(False, "--deterministic", help="Deterministic GPU kernels (slower)."),
     backed: bool = options.Backed,
     report: bool = typer.Option(

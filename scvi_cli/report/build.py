@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from scvi_cli.errors import UsageError
 from scvi_cli.report import figures, umap_available
@@ -123,18 +122,6 @@ def two_dimensional(latent: np.ndarray, method: str, seed: int) -> tuple[np.ndar
     return centred @ vt[:2].T, note
 
 
-def _latent(trained, data, cells: np.ndarray, device) -> np.ndarray:
-    from scvi_cli.data.sources import iterate_in_order
-    from scvi_cli.device import count_layout
-
-    module = trained.module.eval()
-    blocks = []
-    with torch.no_grad():
-        for batch in iterate_in_order(data, 1024, indices=cells, layout=count_layout(device)):
-            blocks.append(module.latent(batch.to(device)).float().cpu().numpy())
-    return np.concatenate(blocks)
-
-
 def build_report(
     model_path: str | Path,
     data_path: str | Path | None = None,
@@ -153,7 +140,8 @@ def build_report(
     sample) is mapped to 2-D and scored for batch mixing and label purity."""
     from scvi_cli.apply.integration import label_purity_per_cell, mixing_entropy_per_cell, proportions_entropy
     from scvi_cli.errors import DataError
-    from scvi_cli.trained_model import load_trained_model
+    from scvi_cli.apply import queries
+    from scvi_cli.trained_model import kept_obs, load_trained_model
 
     import yaml
 
@@ -171,7 +159,7 @@ def build_report(
     if data_path is None:
         return report
     adata, data = trained.load_query(data_path, allow_missing_genes, backed=backed, keep_counts=False)
-    obs = adata.obs if data.kept_cells is None else adata.obs.iloc[np.flatnonzero(data.kept_cells)]
+    obs = kept_obs(adata, data)
     spec = trained.spec.data
     if colors is None:
         colors = [k for k in (spec.batch_key, labels_key or spec.labels_key) if k is not None and k in obs.columns]
@@ -182,7 +170,7 @@ def build_report(
         raise DataError(f"{data_path}: obs has no column {labels_key!r} (--labels-key)")
     cells = subsample(data.n_cells, max_cells, seed)
     started = time.perf_counter()
-    latent = _latent(trained, data, cells, device)
+    latent = np.concatenate(list(queries.iter_latent(trained.module, data, device=device, cells=cells)))
     coordinates, method = two_dimensional(latent, map_method, seed)
     sample = obs.iloc[cells]
     report.notes.append(

@@ -32,13 +32,13 @@ import torch
 from torch import nn
 
 from scvi_cli.data import CountData, load_count_data, read_h5ad
-from scvi_cli.data.categories import NO_KEY_CATEGORY, _categorical_codes, _obs_column
+from scvi_cli.data.categories import _categorical_codes, _obs_column
 from scvi_cli.data.counts import library_log_priors_from_totals
 from scvi_cli.errors import CheckpointError, DataError, UsageError
 from scvi_cli.model_factory import MIN_LIBRARY_LOG_VAR, build_model
 from scvi_cli.nn.fc_layers import BATCH_NORM, LINEAR, FCLayers
 from scvi_cli.spec import Spec, apply_overrides, _validate
-from scvi_cli.trained_model import TrainedModel, load_trained_model, model_uses_labels
+from scvi_cli.trained_model import TrainedModel, ignoring_labels, load_trained_model
 from scvi_cli.atomic import check_writable, refuse_input_as_output
 from scvi_cli.checkpoint import Checkpoint, save_checkpoint, write_history_csv
 from scvi_cli.training.job import FreshModel, TrainResult, history_path_for, train_from_h5ad
@@ -147,18 +147,12 @@ class QuerySurgery(FreshModel):
         ref = self.reference.checkpoint
         if self.categories is None:
             self.find_new_categories(data_path, spec)
-        categories = dict(self.categories)
-        data_spec = spec.data
-        labels_unused = not model_uses_labels(self.reference.module)
-        if labels_unused:  # query cells rarely carry the reference's labels; this model ignores them
-            data_spec = data_spec.model_copy(update={"labels_key": None})
-            categories["labels"] = [NO_KEY_CATEGORY]
+        data_spec, categories = ignoring_labels(self.reference.module, spec.data, self.categories)
         data = load_count_data(
             data_path, data_spec, categories=categories, gene_names=ref.gene_names,
             allow_missing_genes=self.allow_missing_genes, backed=spec.data.backed,
         )
-        if labels_unused:
-            data.categories["labels"] = list(ref.categories["labels"])
+        data.categories["labels"] = list(ref.categories["labels"])  # the checkpoint keeps the reference's
         if self.reporter is not None:
             self.reporter.message(self.describe_categories(spec))
         return data
@@ -337,28 +331,20 @@ def freeze_for_query(model: nn.Module, options: QueryOptions, old: list[int]):
     if options.unfrozen:
         trainable = {name: "" for name in params}
     else:
-        for linear_name, fc, i in _covariate_layers(model):
+        for name, fc in model.named_modules():  # first layers a switch sets free: all of them learns
+            if isinstance(fc, FCLayers) and (
+                (not options.freeze_expression and "encoder" in name)
+                or (not options.freeze_decoder_first_layer and "px_decoder" in name)
+            ):
+                linear_name = f"{name}.fc_layers.Layer 0.{LINEAR}"
+                trainable.update({n: "" for n in params if n.startswith(linear_name + ".")})
+        for linear_name, fc, _ in _covariate_layers(model):  # the others: their new columns only
             weight_name = f"{linear_name}.weight"
-            first_layer_free = i == 0 and (
-                (not options.freeze_expression and "encoder" in linear_name)
-                or (not options.freeze_decoder_first_layer and "px_decoder" in linear_name)
-            )
-            if first_layer_free:
-                trainable[weight_name] = ""
-                if f"{linear_name}.bias" in params:
-                    trainable[f"{linear_name}.bias"] = ""
+            if weight_name in trainable:
                 continue
-            new = _new_sizes(fc)
-            _, is_new = column_map(params[weight_name].shape[1], old, new)
+            _, is_new = column_map(params[weight_name].shape[1], old, _new_sizes(fc))
             hooks.append(params[weight_name].register_hook(_ColumnMask(is_new[None, :])))
             trainable[weight_name] = " [new columns]"
-        for name, fc in model.named_modules():  # first layers without covariates, set free
-            if isinstance(fc, FCLayers) and not sum(fc.n_cat_list):
-                linear_name = f"{name}.fc_layers.Layer 0.{LINEAR}"
-                if (not options.freeze_expression and "encoder" in name) or (
-                    not options.freeze_decoder_first_layer and "px_decoder" in name
-                ):
-                    trainable.update({n: "" for n in params if n.startswith(linear_name + ".")})
         if "px_r" in params and params["px_r"].dim() == 2 and _disperses_by_batch(model):
             keep = np.zeros(params["px_r"].shape[1], dtype=bool)
             keep[old[0]:] = True
