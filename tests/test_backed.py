@@ -277,3 +277,43 @@ def test_training_shards_read_only_their_own_windows(tmp_path, monkeypatch):
     read = [np.concatenate(reads[r]) for r in (0, 1)]
     assert not set(read[0]) & set(read[1]) and len(read[0]) + len(read[1]) == 600  # each cell read by one rank, once
     assert len(seen[0]) + len(seen[1]) >= 600 - 2 * 16 - 40  # at most a block's imbalance and the remainders left out
+
+
+def test_a_share_read_into_memory_equals_those_rows_of_the_in_memory_data(tmp_path, monkeypatch):
+    monkeypatch.setattr(B, "CHUNK_ROWS", 64)
+    monkeypatch.setattr(B, "SPAN_ROWS", 50)
+    path = _write(tmp_path)
+    with pytest.warns(UserWarning, match="dropped 2 cells"):
+        memory = load_count_data(path, _spec().data)
+    with pytest.warns(UserWarning, match="dropped 2 cells"):
+        backed = load_count_data(path, _spec().data, backed=True)
+    np.testing.assert_array_equal(backed.X.row_nnz, np.diff(memory.X.indptr))
+    cells = np.arange(1, 298, 2)  # every other cell, across chunks and windows
+    share = B.in_memory_share(backed, cells)
+    assert not share.backed and share.X.dtype == np.float32 and share.X.has_canonical_format
+    np.testing.assert_array_equal(share.X.toarray(), memory.X[cells].toarray())
+    assert share.obs_names == [memory.obs_names[i] for i in cells] and share.categories == memory.categories
+    np.testing.assert_array_equal(share.batch_codes, memory.batch_codes[cells])
+    np.testing.assert_array_equal(share.cont_covs, memory.cont_covs[cells])
+    np.testing.assert_array_equal(share.cell_totals(), memory.cell_totals()[cells])
+
+
+def test_the_run_fingerprint_does_not_depend_on_how_the_counts_were_read(tmp_path, monkeypatch):
+    from scvi_cli.data.counts import counts_digest
+    from scvi_cli.training.job import run_fingerprint
+
+    monkeypatch.setattr(B, "CHUNK_ROWS", 64)  # chunks of the streaming pass, zero cells dropped in two
+    path = _write(tmp_path)
+    spec = _spec()
+    with pytest.warns(UserWarning):
+        memory = load_count_data(path, spec.data)
+    with pytest.warns(UserWarning):
+        backed = load_count_data(path, spec.data, backed=True)
+    assert backed.X.digest == counts_digest(memory.X)
+    assert run_fingerprint(spec, backed) == run_fingerprint(spec, memory)
+    # a digest of the counts: one changed value, or the same entries split into rows differently, changes it
+    changed = memory.X.copy()
+    changed.data[5] += 1
+    assert counts_digest(changed) != counts_digest(memory.X)
+    regrouped = sp.csr_matrix((memory.X.data, memory.X.indices, np.r_[0, memory.X.indptr[2:]]), shape=(memory.n_cells - 1, 40))
+    assert counts_digest(regrouped) != counts_digest(memory.X)

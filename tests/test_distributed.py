@@ -208,16 +208,22 @@ def test_a_rank_that_dies_ends_the_job_with_an_error_and_a_resumable_state(tmp_p
     assert out.exists()
 
 
-def test_backed_distributed_training_reads_each_rank_its_own_blocks(tmp_path):
+def _cells_file(tmp_path, n_cells: int, n_genes: int, seed: int) -> Path:
+    """Random counts (20% nonzero, 1..5) of two batches, as an .h5ad file."""
     import anndata as ad
     import pandas as pd
 
-    rng = np.random.default_rng(0)
-    X = sp.random(3000, 200, density=0.2, format="csr", dtype=np.float32, random_state=rng)
+    rng = np.random.default_rng(seed)
+    X = sp.random(n_cells, n_genes, density=0.2, format="csr", dtype=np.float32, random_state=rng)
     X.data = np.ceil(X.data * 5)
-    obs = pd.DataFrame({"batch": pd.Categorical(rng.choice(["a", "b"], 3000))}, index=[f"c{i}" for i in range(3000)])
+    obs = pd.DataFrame({"batch": pd.Categorical(rng.choice(["a", "b"], n_cells))}, index=[f"c{i}" for i in range(n_cells)])
     path = tmp_path / "cells.h5ad"
-    ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=[f"g{i}" for i in range(200)])).write_h5ad(path)
+    ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=[f"g{i}" for i in range(n_genes)])).write_h5ad(path)
+    return path
+
+
+def test_backed_distributed_training_reads_each_rank_its_own_blocks(tmp_path):
+    path = _cells_file(tmp_path, 3000, 200, seed=0)
     out = tmp_path / "m.ckpt"
     run = subprocess.run([*TORCHRUN, "-m", "scvi_cli", "train", str(path), "--out", str(out), "--backed", "--device", "cpu",
                           "--threads", "1", "--set", "data.batch_key=batch", "--set", "train.max_epochs=2"],
@@ -225,3 +231,49 @@ def test_backed_distributed_training_reads_each_rank_its_own_blocks(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     history = out.with_name("m.history.csv").read_text().splitlines()
     assert len(history) == 3 and "elbo_validation" in history[0]
+
+
+def test_in_memory_shares_are_disjoint_equal_and_cover_the_split():
+    from scvi_cli.training.distributed import cell_share
+
+    rng = np.random.default_rng(0)
+    train, validation = rng.permutation(1000)[:901], np.arange(1000, 1099)
+    shares = [cell_share(train, validation, r, 3, 128) for r in range(3)]
+    sizes = {len(t) for t, _ in shares}
+    assert len(sizes) == 1  # every rank the same number of training cells: the steps pair up
+    size = sizes.pop()
+    assert size == 300 and size % 128 not in (1, 2)  # 300 = 2 x 128 + 44
+    union = np.concatenate([t for t, _ in shares])
+    assert len(np.unique(union)) == len(union) and set(union) <= set(train) and len(union) >= len(train) - 2
+    assert all(np.all(np.diff(t) > 0) for t, _ in shares)  # increasing, as the reads want
+    np.testing.assert_array_equal(np.sort(np.concatenate([v for _, v in shares])), validation)
+    # a share whose last minibatch would hold 1-2 cells gives them up
+    assert len(cell_share(np.arange(2 * 130), validation, 0, 2, 128)[0]) == 128
+    with pytest.raises(ValueError, match="rank"):
+        cell_share(train, validation, 3, 3, 128)
+
+
+def test_in_memory_distributed_training_holds_a_share_per_rank(tmp_path):
+    path = _cells_file(tmp_path, 2000, 100, seed=1)
+    out = tmp_path / "m.ckpt"
+    run = subprocess.run([*TORCHRUN, "-m", "scvi_cli", "train", str(path), "--out", str(out), "--device", "cpu",
+                          "--threads", "1", "--set", "data.batch_key=batch", "--set", "train.max_epochs=2"],
+                         env=ENV, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "each holding 1 in 2 cells in memory" in run.stderr
+    history = out.with_name("m.history.csv").read_text().splitlines()
+    assert len(history) == 3 and "elbo_validation" in history[0]
+
+
+def test_a_rank_without_validation_cells_still_takes_part_in_validation(tmp_path):
+    # 2,000 cells at train_size 0.9995 leave one validation cell: rank 1's share of them is empty
+    path = _cells_file(tmp_path, 2000, 100, seed=2)
+    out = tmp_path / "m.ckpt"
+    run = subprocess.run([*TORCHRUN, "-m", "scvi_cli", "train", str(path), "--out", str(out), "--device", "cpu",
+                          "--threads", "1", "--set", "train.max_epochs=3", "--set", "train.train_size=0.9995",
+                          "--set", "train.early_stopping=true", "--set", "train.early_stopping_patience=1"],
+                         env=ENV, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "1999 train / 1 validation cells" in run.stderr
+    history = out.with_name("m.history.csv").read_text().splitlines()
+    assert "elbo_validation" in history[0] and len(history) >= 3  # at least two epochs, both validated

@@ -27,7 +27,6 @@ A background thread reads the next window while the current one is consumed.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
 import queue
 import threading
@@ -39,7 +38,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from scvi_cli.data.counts import CountData, _check_obs_keys, _obs_codes, _spec_keys
+from scvi_cli.data.counts import CountData, CountsDigest, _check_obs_keys, _obs_codes, _spec_keys
 from scvi_cli.data.minibatch import Minibatch
 from scvi_cli.data.reading import (
     _canonical_float32,
@@ -62,17 +61,18 @@ class BackedRows:
 
     ``shape``: (kept cells, genes); ``file_rows``: the file row of each kept cell (increasing);
     ``totals``: each kept cell's total count; ``digest``: sha256 of the counts as read;
-    ``nnz``: stored values of the kept cells.
+    ``row_nnz``: each kept cell's stored values (``nnz`` their sum).
     """
 
-    def __init__(self, matrix, select, n_genes: int, file_rows: np.ndarray, totals: np.ndarray, digest: str, nnz: int):
+    def __init__(self, matrix, select, n_genes: int, file_rows: np.ndarray, totals: np.ndarray, digest: str, row_nnz: np.ndarray):
         self._matrix = matrix
         self._select = select
         self.n_genes = n_genes
         self.file_rows = file_rows
         self.totals = totals
         self.digest = digest
-        self.nnz = nnz
+        self.row_nnz = row_nnz
+        self.nnz = int(row_nnz.sum())
         self._lock = threading.Lock()  # one reader of the file at a time
 
     @property
@@ -101,6 +101,22 @@ class BackedRows:
             first = int(picked[0])
             parts.append(self.read_file_rows(first, int(picked[-1]) + 1)[picked - first])
         return sp.vstack(parts, format="csr")
+
+    def read_into_memory(self, cells: np.ndarray) -> sp.csr_matrix:
+        """The rows of ``cells`` (increasing positions) as one CSR matrix, filled window by window
+        into arrays sized up front from ``row_nnz``: the peak is the result plus one window, not
+        the pieces plus their stacked copy."""
+        cells = np.asarray(cells, dtype=np.int64)
+        indptr = np.zeros(cells.size + 1, dtype=np.int64)
+        np.cumsum(self.row_nnz[cells], out=indptr[1:])
+        indices = np.empty(int(indptr[-1]), dtype=np.int32 if self.n_genes < 2**31 else np.int64)
+        data = np.empty(int(indptr[-1]), dtype=np.float32)
+        for start in range(0, cells.size, CHUNK_ROWS):
+            stop = min(start + CHUNK_ROWS, cells.size)
+            block = self.read_cells(cells[start:stop])
+            first, last = int(indptr[start]), int(indptr[stop])
+            indices[first:last], data[first:last] = block.indices, block.data
+        return sp.csr_matrix((data, indices, indptr), shape=(cells.size, self.n_genes))
 
 
 def _read_rows(matrix, select, start: int, stop: int) -> sp.csr_matrix:
@@ -158,16 +174,16 @@ def backed_count_data(
         select = lambda X: X  # noqa: E731
     obs_names = [str(o) for o in adata.obs_names]
     totals = np.empty(n_file, dtype=np.float64)
-    digest, nnz = hashlib.sha256(), np.zeros(n_file, dtype=np.int64)
+    digest, nnz = CountsDigest(), np.zeros(n_file, dtype=np.int64)
     for start in range(0, n_file, CHUNK_ROWS):
         stop = min(start + CHUNK_ROWS, n_file)
         chunk = _read_rows(matrix, select, start, stop)
         _validate_values(chunk, obs_names[start:stop], genes, path, label, adata)
         totals[start:stop] = row_sums(chunk)
-        lengths = np.diff(chunk.indptr)
-        nnz[start:stop] = lengths
-        for array in (lengths, chunk.indices, chunk.data):
-            digest.update(np.ascontiguousarray(array))
+        nnz[start:stop] = np.diff(chunk.indptr)
+        kept_here = totals[start:stop] > 0  # the digest is of the kept cells, as in memory
+        kept_rows = chunk if kept_here.all() else chunk[kept_here]
+        digest.update(kept_rows.indptr, kept_rows.indices, kept_rows.data)
     kept = totals > 0
     n_dropped = int((~kept).sum())
     if n_dropped == n_file:
@@ -178,12 +194,29 @@ def backed_count_data(
         obs_names = [o for o, k in zip(obs_names, kept) if k]
     rows = BackedRows(
         matrix, select, len(genes), file_rows=np.flatnonzero(kept).astype(np.int64), totals=totals[kept],
-        digest=digest.hexdigest(), nnz=int(nnz[kept].sum()),
+        digest=digest.hexdigest(), row_nnz=nnz[kept],
     )
     codes = _obs_codes(obs, batch_key, labels_key, cat_keys, cont_keys, path, categories)
     return CountData(
         X=rows, obs_names=obs_names, gene_names=genes, **codes, cat_cov_keys=cat_keys, cont_cov_keys=cont_keys,
         source=source, kept_cells=kept,
+    )
+
+
+def in_memory_share(data: CountData, cells: np.ndarray) -> CountData:
+    """The rows and codes of ``cells`` (increasing positions among the kept cells) of backed
+    ``data``, read into memory: what one process of a distributed in-memory run holds. The
+    categories stay the whole data set's; outputs are never aligned to a share (no kept_cells)."""
+    cells = np.asarray(cells, dtype=np.int64)
+
+    def rows(array):
+        return None if array is None else array[cells]
+
+    return CountData(
+        X=data.X.read_into_memory(cells), obs_names=[data.obs_names[i] for i in cells], gene_names=data.gene_names,
+        batch_codes=data.batch_codes[cells], label_codes=data.label_codes[cells], cat_cov_codes=rows(data.cat_cov_codes),
+        cont_covs=rows(data.cont_covs), categories=data.categories, cat_cov_keys=data.cat_cov_keys,
+        cont_cov_keys=data.cont_cov_keys, source=data.source,
     )
 
 

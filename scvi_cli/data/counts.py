@@ -3,6 +3,7 @@ library priors and the train / validation split."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import warnings
@@ -67,6 +68,44 @@ class CountData:
     @property
     def n_cats_per_cov(self) -> list[int]:
         return [len(self.categories[k]) for k in self.cat_cov_keys]
+
+
+class CountsDigest:
+    """sha256 of CSR counts fed in row chunks, whatever the chunking: the same counts give the
+    same digest read whole in memory or chunk by chunk from disk, so a run's fingerprint does not
+    depend on how it read its data. Row lengths, column indices (int64) and values (float32) are
+    hashed in three streams and combined."""
+
+    def __init__(self):
+        self._streams = [hashlib.sha256() for _ in range(3)]
+        self._rows = 0
+
+    def update(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> None:
+        """Add rows given as CSR arrays (``indptr`` may start past 0; indices/data are the rows' own)."""
+        lengths, columns, values = self._streams
+        lengths.update(np.diff(indptr).astype(np.int64, copy=False))
+        columns.update(np.ascontiguousarray(indices.astype(np.int64, copy=False)))
+        values.update(np.ascontiguousarray(data.astype(np.float32, copy=False)))
+        self._rows += len(indptr) - 1
+
+    def update_matrix(self, X: sp.csr_matrix, chunk_rows: int = 8192) -> None:
+        """Add the rows of an in-memory CSR matrix, chunk by chunk through views of its buffers."""
+        for start in range(0, X.shape[0], chunk_rows):
+            stop = min(start + chunk_rows, X.shape[0])
+            first, last = int(X.indptr[start]), int(X.indptr[stop])
+            self.update(X.indptr[start : stop + 1], X.indices[first:last], X.data[first:last])
+
+    def hexdigest(self) -> str:
+        combined = hashlib.sha256(str(self._rows).encode())
+        for stream in self._streams:
+            combined.update(stream.digest())
+        return combined.hexdigest()
+
+
+def counts_digest(X: sp.csr_matrix) -> str:
+    digest = CountsDigest()
+    digest.update_matrix(X)
+    return digest.hexdigest()
 
 
 _RESERVED = ("batch", "labels")

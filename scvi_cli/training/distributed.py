@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass
 from datetime import timedelta
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -84,6 +85,23 @@ def any_rank(flag: bool, device) -> bool:
     if not active():
         return flag
     return bool(sum_over_ranks(torch.tensor([1.0 if flag else 0.0], device=device)).item() > 0)
+
+
+def cell_share(train_idx: np.ndarray, validation_idx: np.ndarray, rank: int, world_size: int, batch_size: int):
+    """(training cells, validation cells) this rank holds in a distributed in-memory run.
+
+    Every rank takes every world_size-th cell of the (seeded) split, so that it reads only its
+    share into memory; all training shares have the same size (the split's last few cells, fewer
+    than world_size, are left out, and a share whose last minibatch would hold 1-2 cells gives
+    them up, as the split does) so that the ranks' steps pair up. Validation cells are all used.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must lie in [0, {world_size}), got {rank}")
+    per_rank = len(train_idx) // world_size
+    remainder = per_rank % batch_size
+    if 0 < remainder < 3 and per_rank > remainder:
+        per_rank -= remainder
+    return np.sort(train_idx[rank::world_size][:per_rank]), np.sort(validation_idx[rank::world_size])
 
 
 class SyncedBatchNorm1d(nn.BatchNorm1d):

@@ -20,6 +20,7 @@ import torch
 from scvi_cli.atomic import check_writable, refuse_input_as_output
 from scvi_cli.checkpoint import Checkpoint, current_versions, load_checkpoint, save_checkpoint, write_history_csv
 from scvi_cli.data import CountData, CSRMinibatches, DeviceCSRMinibatches, load_count_data, train_validation_split
+from scvi_cli.data.counts import counts_digest
 from scvi_cli.device import count_layout, limit_threads, resolve_device, retain_memory_for_wide_minibatches
 from scvi_cli.errors import DataError, UsageError
 from scvi_cli.model_factory import build_model, model_kwargs
@@ -147,14 +148,15 @@ class FreshModel:
 def run_fingerprint(spec: Spec, data: CountData) -> str:
     """Digest of the spec and of the counts, genes and codes: a resumed run must see the same.
 
-    The arrays are hashed through their buffers (the bytes of ``tobytes()``, without that copy
-    of the whole matrix)."""
+    The counts' digest (CountsDigest, through views of their buffers, no copy of the matrix) is
+    the same whether they were read into memory, streamed from disk or shared between ranks, so
+    a state can be resumed by a run that reads its data another way."""
     digest = hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode())
     X = data.X
-    # backed counts were hashed in their streaming pass (a digest of their own, by chunks)
-    counts = (X.digest.encode(),) if data.backed else (X.indptr, X.indices, X.data)
-    for array in (np.asarray(X.shape), *counts, data.batch_codes, data.label_codes):
-        digest.update(array if isinstance(array, bytes) else np.ascontiguousarray(array))
+    # backed counts were hashed in their streaming pass; both give the same digest of the same counts
+    digest.update((X.digest if data.backed else counts_digest(X)).encode())
+    for array in (np.asarray(X.shape), data.batch_codes, data.label_codes):
+        digest.update(np.ascontiguousarray(array))
     for optional in (data.cat_cov_codes, data.cont_covs):
         if optional is not None:
             digest.update(np.ascontiguousarray(optional))
@@ -250,7 +252,11 @@ def _train(
     limit_threads(threads)
     set_deterministic(deterministic)
 
-    data = setup.load_data(data_path, spec)
+    # A distributed in-memory run checks the file in one streaming pass and each rank then reads
+    # only its share of the cells into memory (in_memory_share below), not the whole matrix.
+    shared_in_memory = ranks is not None and ranks.world_size > 1 and not spec.data.backed
+    read_spec = spec.model_copy(update={"data": spec.data.model_copy(update={"backed": True})}) if shared_in_memory else spec
+    data = setup.load_data(data_path, read_spec)
     fingerprint = run_fingerprint(spec, data)
     if setup.identity():
         fingerprint = hashlib.sha256((fingerprint + json.dumps(setup.identity(), sort_keys=True)).encode()).hexdigest()
@@ -272,25 +278,43 @@ def _train(
         reporter.message(f"no resumable state at {resume_path}; starting from the first epoch")
 
     retain_memory_for_wide_minibatches(spec.train.batch_size, data.n_genes)
-    train_batches, validation_batches = minibatch_sources(
-        data, train_idx, validation_idx, spec.train.batch_size, seed, torch_device, reporter
-    )
+    if shared_in_memory:
+        from scvi_cli.data.backed import in_memory_share
+
+        train_cells, validation_cells = distributed.cell_share(
+            train_idx, validation_idx, ranks.rank, ranks.world_size, spec.train.batch_size
+        )
+        cells = np.union1d(train_cells, validation_cells)
+        share = in_memory_share(data, cells)
+        train_batches, validation_batches = minibatch_sources(
+            share, np.searchsorted(cells, train_cells), np.searchsorted(cells, validation_cells),
+            spec.train.batch_size, seed, torch_device, reporter,
+        )
+    else:
+        train_batches, validation_batches = minibatch_sources(
+            data, train_idx, validation_idx, spec.train.batch_size, seed, torch_device, reporter
+        )
     if ranks is not None:
-        train_batches.shard(ranks.rank, ranks.world_size)
+        if not shared_in_memory:
+            train_batches.shard(ranks.rank, ranks.world_size)
         if len(train_batches) == 0:
             raise DataError(
                 f"{data_path}: {len(train_idx)} training cells make fewer minibatches of {spec.train.batch_size} "
                 f"than there are processes ({ranks.world_size})"
-                + (" (with --backed, blocks of 1,024 cells are divided between them)" if data.backed else "")
+                + (" (with --backed, blocks of 1,024 cells are divided between them)" if spec.data.backed else "")
                 + "; lower train.batch_size or use fewer processes"
             )
-        if validation_batches is not None:
+        if validation_batches is not None and not shared_in_memory:
             validation_batches.shard(ranks.rank, ranks.world_size, drop_remainder=False)
         distributed.synchronise_batch_norm(model, torch_device)
         if not ranks.is_main:  # its own dropout and posterior draws (rank 0's follow the seed as alone)
             at = (state.epoch, state.step_in_epoch) if state else (0, 0)
             torch.manual_seed(int(np.random.default_rng([seed, ranks.rank, *at]).integers(2**63)))
-        reporter.message(f"distributed: {ranks.world_size} processes, every rank takes 1 in {ranks.world_size} minibatches")
+        reporter.message(
+            f"distributed: {ranks.world_size} processes, each holding 1 in {ranks.world_size} cells in memory"
+            if shared_in_memory else
+            f"distributed: {ranks.world_size} processes, each reading 1 in {ranks.world_size} blocks of the epoch"
+        )
     setup.prepare(model)
     reporter.message(
         f"{spec.model.type}: {data.n_cells} cells x {data.n_genes} genes, {data.n_batch} batch(es), "

@@ -203,7 +203,8 @@ def fit(
     optimizer = make_optimizer(model, settings)
     if state.optimizer_state is not None:
         optimizer.load_state_dict(state.optimizer_state)
-    monitor = settings.early_stopping and validation_batches is not None
+    # in a distributed run a rank may hold no validation cells; the reduced metrics are everyone's
+    monitor = settings.early_stopping and (validation_batches is not None or distributed.active())
 
     # In a distributed run, DDP wraps the step (gradients averaged over the ranks) and the
     # ranks agree on stopping at every step.
@@ -237,14 +238,15 @@ def fit(
 
         metrics = {f"{name}_train": value for name, value in sums.averages().items()}
         metrics["kl_weight"] = weight
-        if validation_batches is not None and distributed.any_rank(len(validation_batches) > 0, device):
-            validation = evaluate_elbo(model, validation_batches, device)
+        # every rank asks (a rank whose share of validation cells is empty still takes part)
+        if distributed.any_rank(validation_batches is not None and len(validation_batches) > 0, device):
+            validation = evaluate_elbo(model, validation_batches or [], device)
             metrics.update({f"{name}_validation": value for name, value in validation.items()})
         state.seconds += time.perf_counter() - started
         metrics["seconds"] = time.perf_counter() - started
         _append(state.history, state.epoch, metrics)
 
-        if monitor:
+        if monitor and "elbo_validation" in metrics:
             current = metrics["elbo_validation"]
             if current < state.best_elbo - settings.early_stopping_min_delta:
                 state.best_elbo, state.best_epoch = current, state.epoch
