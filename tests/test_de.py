@@ -125,13 +125,14 @@ def test_batch_correction_decodes_each_batch_and_pairs_within_it(trained, monkey
         (0, 0): 0.1, (0, 1): 0.4, (40, 0): 0.2, (40, 1): 0.1,
     }
 
-    def fake(module, data, cells, n, code, rng, device="cpu"):
-        calls.append((int(cells[0]), code, n))
+    def fake(module, data, rows, plan, device="cpu"):
+        n, first = len(plan.where), int(plan.cells[0])
+        calls.append((first, plan.code, n))
         values = np.ones((n, data.n_genes), dtype=np.float32)
-        values[:, 0] = fixed[(int(cells[0]), code)]
+        values[:, 0] = fixed[(first, plan.code)]
         return values
 
-    monkeypatch.setattr(de, "scale_samples", fake)
+    monkeypatch.setattr(de, "decode_samples", fake)
     groups = pd.Series(np.where(np.arange(data.n_cells) < 40, "a", "b"))
     settings = DESettings(n_samples=10, batch_correction=True, pseudocounts=0.0, delta=0.5)
     table = de.differential_expression(model.module, data, groups, "g", group1=["a"], group2="b", settings=settings)
@@ -225,3 +226,19 @@ def test_de_bad_inputs(run_cli, trained, tmp_path):
     code, _, err = run_cli("de", ckpt, tmp_path / "one_group.h5ad", "--groupby", "sample", "--group2", "s1", "--out", out)
     assert code == 1 and "has a single group ('s1'); nothing to compare" in err
     assert not out.exists() and not list(tmp_path.glob(".*de.csv*"))
+
+
+def test_backed_de_reads_the_sampled_cells_once_and_equals_in_memory(trained, monkeypatch):
+    from scvi_cli.data import backed as B
+
+    _, model, data = trained
+    _, on_disk = model.load_query(PBMC_SMALL, backed=True)
+    assert on_disk.backed
+    reads = []
+    original = B.BackedRows.read_into_memory
+    monkeypatch.setattr(B.BackedRows, "read_into_memory", lambda self, cells: reads.append(len(cells)) or original(self, cells))
+    groups = pd.Series(np.array(["a", "b", "c", "d"])[np.arange(data.n_cells) % 4])
+    run = lambda d: de.differential_expression(model.module, d, groups, "g", settings=DESettings(n_samples=60, seed=4))
+    memory, backed = run(data), run(on_disk)
+    assert len(reads) == 1 and reads[0] <= data.n_cells  # four one-vs-rest comparisons, one read
+    pd.testing.assert_frame_equal(memory, backed)

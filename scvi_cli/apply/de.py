@@ -118,53 +118,88 @@ def comparisons(
 # Posterior samples of px_scale
 
 
+@dataclass(frozen=True)
+class SamplePlan:
+    """Which posterior draws of which cells make ``n`` samples of a group, decoded as ``code``:
+    fixed by the seeded generator before any counts are read, so that the cells every sample of
+    a run needs can be read together (one pass over a backed file, not one per group)."""
+
+    cells: np.ndarray  # the group's cells
+    code: int | None
+    needed: np.ndarray  # the cells (increasing) whose draws are picked
+    counts: np.ndarray  # distinct draws needed per needed cell
+    order: np.ndarray  # pool entries by cell, then draw
+    first: np.ndarray  # each needed cell's first position in ``order``
+    where: np.ndarray  # each sample's pool entry
+
+
+def plan_samples(cells: np.ndarray, n: int, code: int | None, rng: np.random.Generator) -> SamplePlan:
+    """Samples picked uniformly with replacement from a pool of ``n // len(cells) + 1`` posterior
+    draws per cell (pool entry e: draw e // len(cells) of cell e % len(cells))."""
+    n_cells = len(cells)
+    draws = n // n_cells + 1
+    picks = rng.integers(0, draws * n_cells, size=n)
+    entries, where = np.unique(picks, return_inverse=True)
+    cell_of, draw_of = entries % n_cells, entries // n_cells
+    order = np.lexsort((draw_of, cell_of))  # by cell, then draw
+    needed_cells, first = np.unique(cell_of[order], return_index=True)
+    counts = np.diff(np.append(first, len(order)))
+    return SamplePlan(cells, code, cells[needed_cells], counts, order, first, where)
+
+
 @torch.no_grad()
+def decode_samples(module: nn.Module, data: CountData, rows: np.ndarray, plan: SamplePlan, device="cpu") -> np.ndarray:
+    """(n, genes) float32 px_scale samples of ``plan``; ``rows``: the rows of ``data`` holding
+    ``plan.needed``. Only the picked pool entries are decoded, in blocks of about
+    DRAWS_PER_STEP draws (fixed, so that the seeded draws depend on no other setting)."""
+    counts, order, first = plan.counts, plan.order, plan.first
+    samples = np.empty((len(order), data.n_genes), dtype=np.float32)
+    module.eval()
+    step_cells = max(1, DRAWS_PER_STEP // max(1, int(counts.max())))
+    done = 0
+    for batch in iterate_in_order(data, step_cells, indices=rows, layout=count_layout(device)):
+        batch = batch.to(device)
+        size = batch.batch_index.shape[0]
+        block_counts = counts[done : done + size]
+        z, _ = module.posterior_draws(batch, int(block_counts.max()))
+        for s in range(z.shape[0]):
+            wanted = np.flatnonzero(block_counts > s)
+            scale = module.scale_head(z[s], batch, plan.code).columns(None, None)
+            # entry positions of these cells' draws: order[first[c] + s] for the block's cells
+            samples[order[first[done + wanted] + s]] = scale[torch.as_tensor(wanted, device=scale.device)].float().cpu().numpy()
+        done += size
+    return samples[plan.where]
+
+
 def scale_samples(
     module: nn.Module, data: CountData, cells: np.ndarray, n: int, code: int | None, rng: np.random.Generator,
     device="cpu",
 ) -> np.ndarray:
     """(n, genes) float32 px_scale samples of ``cells`` decoded as batch ``code`` (None: each
-    cell's own): picked uniformly with replacement from a pool of ``n // len(cells) + 1``
-    posterior draws per cell; only the picked pool entries are decoded, in blocks of about
-    DRAWS_PER_STEP draws (fixed, so that the seeded draws depend on no other setting)."""
-    n_cells = len(cells)
-    draws = n // n_cells + 1
-    picks = rng.integers(0, draws * n_cells, size=n)  # pool entry e: draw e // n_cells of cell e % n_cells
-    entries, where = np.unique(picks, return_inverse=True)
-    cell_of, draw_of = entries % n_cells, entries // n_cells
-    order = np.lexsort((draw_of, cell_of))  # by cell, then draw
-    needed_cells, first = np.unique(cell_of[order], return_index=True)
-    counts = np.diff(np.append(first, len(order)))  # distinct draws needed per cell
-    samples = np.empty((len(entries), data.n_genes), dtype=np.float32)
-    module.eval()
-    step_cells = max(1, DRAWS_PER_STEP // max(1, int(counts.max())))
-    done = 0
-    for batch in iterate_in_order(data, step_cells, indices=cells[needed_cells], layout=count_layout(device)):
-        batch = batch.to(device)
-        size = batch.batch_index.shape[0]
-        block_counts = counts[done : done + size]
-        z, _ = module.posterior_draws(batch, int(block_counts.max()))
-        rows = []
-        for s in range(z.shape[0]):
-            wanted = np.flatnonzero(block_counts > s)
-            scale = module.scale_head(z[s], batch, code).columns(None, None)
-            rows.append((wanted, scale[torch.as_tensor(wanted, device=scale.device)].float().cpu().numpy()))
-        # entry positions of these cells' draws: order[first[c] + s] for the block's cells
-        for s, (wanted, values) in enumerate(rows):
-            samples[order[first[done + wanted] + s]] = values
-        done += size
-    return samples[where]
+    cell's own): plan_samples, then decode_samples."""
+    plan = plan_samples(cells, n, code, rng)
+    return decode_samples(module, data, plan.needed, plan, device)
 
 
-def group_samples(module, data, cells, settings: DESettings, codes: list[int | None], rng, device) -> np.ndarray:
-    """The group's samples, batch block after batch block (codes [None]: observed batches)."""
+def samples_per_batch(settings: DESettings, codes: list[int | None]) -> int:
+    """A group's samples per decoding batch (codes [None]: the observed batches, one block)."""
     n = settings.n_samples // len(codes)
     if n < 2:
         warnings.warn(f"--n-samples {settings.n_samples} over {len(codes)} batches: 2 samples per batch", UserWarning)
         n = 2
-    return np.concatenate(
-        [scale_samples(module, data, cells, n, code, rng, device) for code in codes]
-    )
+    return n
+
+
+def read_planned_cells(data: CountData, plans: list[SamplePlan]) -> tuple[CountData, list[np.ndarray]]:
+    """(counts holding every planned cell, each plan's rows in them). Backed counts are read once,
+    for all plans together, into memory (the picked cells only: bounded by the samples, not by
+    the cells); in-memory counts are used as they are."""
+    if not data.backed:
+        return data, [plan.needed for plan in plans]
+    from scvi_cli.data.backed import in_memory_share
+
+    union = np.unique(np.concatenate([plan.needed for plan in plans]))
+    return in_memory_share(data, union), [np.searchsorted(union, plan.needed) for plan in plans]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,12 +340,24 @@ def differential_expression(
         batch_codes = [None]
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
+    n = samples_per_batch(settings, batch_codes)
+    # every comparison's picks first (the generator's order is the comparisons'), then one read
+    plans = [
+        [[plan_samples(cells, n, code, rng) for code in batch_codes] for cells in (comparison.cells1, comparison.cells2)]
+        for comparison in wanted
+    ]
+    counts, rows = read_planned_cells(data, [plan for sides in plans for side in sides for plan in side])
+    rows_of = iter(rows)
+
+    def group_samples(side: list[SamplePlan]) -> np.ndarray:  # batch block after batch block
+        return np.concatenate([decode_samples(module, counts, next(rows_of), plan, device) for plan in side])
+
     tables = []
-    for number, comparison in enumerate(wanted, 1):
+    for number, (comparison, (side1, side2)) in enumerate(zip(wanted, plans), 1):
         if reporter is not None:
             reporter.message(f"comparison {number}/{len(wanted)}: {comparison.name}")
-        scale1 = group_samples(module, data, comparison.cells1, settings, batch_codes, rng, device)
-        scale2 = group_samples(module, data, comparison.cells2, settings, batch_codes, rng, device)
+        scale1 = group_samples(side1)
+        scale2 = group_samples(side2)
         raw1 = _group_means(raw, index[comparison.group1], None, len(comparison.cells1))
         if comparison.group2 == REST:
             raw2 = _group_means(raw, None, index[comparison.group1], len(comparison.cells2))
