@@ -278,25 +278,24 @@ def _train(
         reporter.message(f"no resumable state at {resume_path}; starting from the first epoch")
 
     retain_memory_for_wide_minibatches(spec.train.batch_size, data.n_genes)
-    if shared_in_memory:
+    source, train_rows, validation_rows = data, train_idx, validation_idx
+    if shared_in_memory:  # this rank's cells only, read into memory, at their rows there
         from scvi_cli.data.backed import in_memory_share
 
         train_cells, validation_cells = distributed.cell_share(
             train_idx, validation_idx, ranks.rank, ranks.world_size, spec.train.batch_size
         )
         cells = np.union1d(train_cells, validation_cells)
-        share = in_memory_share(data, cells)
-        train_batches, validation_batches = minibatch_sources(
-            share, np.searchsorted(cells, train_cells), np.searchsorted(cells, validation_cells),
-            spec.train.batch_size, seed, torch_device, reporter,
-        )
-    else:
-        train_batches, validation_batches = minibatch_sources(
-            data, train_idx, validation_idx, spec.train.batch_size, seed, torch_device, reporter
-        )
+        source = in_memory_share(data, cells)
+        train_rows, validation_rows = np.searchsorted(cells, train_cells), np.searchsorted(cells, validation_cells)
+    train_batches, validation_batches = minibatch_sources(
+        source, train_rows, validation_rows, spec.train.batch_size, seed, torch_device, reporter
+    )
     if ranks is not None:
-        if not shared_in_memory:
+        if not shared_in_memory:  # every rank sees all cells: each takes its minibatches or blocks
             train_batches.shard(ranks.rank, ranks.world_size)
+            if validation_batches is not None:
+                validation_batches.shard(ranks.rank, ranks.world_size, drop_remainder=False)
         if len(train_batches) == 0:
             raise DataError(
                 f"{data_path}: {len(train_idx)} training cells make fewer minibatches of {spec.train.batch_size} "
@@ -304,8 +303,6 @@ def _train(
                 + (" (with --backed, blocks of 1,024 cells are divided between them)" if spec.data.backed else "")
                 + "; lower train.batch_size or use fewer processes"
             )
-        if validation_batches is not None and not shared_in_memory:
-            validation_batches.shard(ranks.rank, ranks.world_size, drop_remainder=False)
         distributed.synchronise_batch_norm(model, torch_device)
         if not ranks.is_main:  # its own dropout and posterior draws (rank 0's follow the seed as alone)
             at = (state.epoch, state.step_in_epoch) if state else (0, 0)
