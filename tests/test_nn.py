@@ -108,3 +108,26 @@ def test_linear_decoder_loadings_fold_batch_norm():
     np.testing.assert_allclose(diff[0].detach().numpy(), expected[:, 0], rtol=1e-5, atol=1e-6)
     no_bn = LinearDecoderSCVI(3, 7, use_batch_norm=False)
     torch.testing.assert_close(no_bn.loadings(), no_bn.factor_regressor.fc_layers[0][0].weight)
+
+
+def test_scale_head_over_all_genes_uses_the_whole_layer():
+    """px_scale over all genes (what training computes) is the layer itself: no slice of its
+    weight, whose backward would scatter the gradient into a zero-filled copy of all rows."""
+    from scvi_cli.nn.decoders import DecoderSCVI, all_rows
+
+    assert all_rows(slice(None), 7) and all_rows(slice(0, 7), 7) and all_rows(slice(0, 99), 7)
+    assert not all_rows(slice(1, 7), 7) and not all_rows(slice(0, 7, 2), 7) and not all_rows(torch.arange(7), 7)
+    torch.manual_seed(0)
+    decoder = DecoderSCVI(4, 30)
+    z = torch.randn(5, 4)
+    px_scale = decoder("gene", z, torch.zeros(5, 1), torch.zeros(5, 1, dtype=torch.long))[0]
+    seen, stack = set(), [px_scale.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack.extend(next_fn for next_fn, _ in node.next_functions)
+    assert not any("Slice" in type(node).__name__ for node in seen)
+    linear = decoder.px_scale_decoder[0]
+    h = decoder.px_decoder(z, torch.zeros(5, 1, dtype=torch.long))
+    torch.testing.assert_close(px_scale, torch.softmax(linear(h), dim=-1))

@@ -13,10 +13,15 @@ from scvi_cli.nn.fc_layers import BATCH_NORM, LAYER_NORM, LINEAR, FCLayers, one_
 Genes = slice | torch.Tensor  # output rows of a per-gene layer: a slice or an index tensor
 
 
+def all_rows(genes: Genes, n: int) -> bool:
+    """Whether ``genes`` is a slice over all ``n`` rows in order (``slice(None)``, ``slice(0, n)``)."""
+    return isinstance(genes, slice) and genes.indices(n) == (0, n, 1)
+
+
 def linear_rows(h: torch.Tensor, linear: nn.Linear, genes: Genes) -> torch.Tensor:
     """``linear(h)`` for the output rows ``genes`` only (all of them: the layer itself, so that
     training's backward does not scatter the weight's gradient through a slice of all rows)."""
-    if isinstance(genes, slice) and genes == slice(None):
+    if all_rows(genes, linear.out_features):
         return linear(h)
     bias = None if linear.bias is None else linear.bias[genes]
     return F.linear(h, linear.weight[genes], bias)
@@ -191,7 +196,7 @@ class LinearDecoderSCVI(nn.Module):
         bn = block[BATCH_NORM]
 
         def logits_at(genes: Genes) -> torch.Tensor:
-            if not separable or (isinstance(genes, slice) and genes == slice(0, n_genes)):
+            if not separable or all_rows(genes, n_genes):
                 return all_logits()[..., genes]
             y = linear_rows(u, block[LINEAR], genes)
             if bn is None:
