@@ -351,3 +351,14 @@ def test_broadcast_shape_matches_torch():
         assert _broadcast_shape(*shapes) == torch.broadcast_shapes(*shapes)
     with pytest.raises(RuntimeError):
         _broadcast_shape((3, 4), (5,))
+
+
+def test_softplus_row_sums_match_softplus():
+    """The dense ZINB terms' row sums of softplus, against F.softplus in float64, from -100 to 100."""
+    from scvi_cli.nn.likelihoods import _softplus_row_sums
+
+    torch.manual_seed(0)
+    t = torch.cat([torch.linspace(-100, 100, 4000), torch.randn(4000) * 5]).reshape(4, 2000)
+    want = torch.nn.functional.softplus(t.double()).sum(-1)
+    torch.testing.assert_close(_softplus_row_sums(t).double(), want, rtol=1e-6, atol=2000 * 6e-8)
+    torch.testing.assert_close(_softplus_row_sums(t.double()), want, rtol=1e-12, atol=1e-12)

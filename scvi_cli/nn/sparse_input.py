@@ -153,12 +153,16 @@ class SparseRows:
         )
 
     def row_ids(self) -> torch.Tensor:
-        """(nnz,) int64 row of each stored entry."""
+        """(nnz,) int64 row of each stored entry.
+
+        A running count of the row starts passed (a mark at each ``indptr[1:-1]``, accumulated so
+        that empty rows add up): two passes over nnz, several times faster on the CPU than
+        repeat_interleave, which was a noticeable part of a training step."""
         if self._row_ids is None:
-            counts = self.indptr[1:] - self.indptr[:-1]
-            self._row_ids = torch.repeat_interleave(
-                torch.arange(len(self), device=self.indptr.device), counts, output_size=self.nnz
-            )
+            marks = torch.zeros(self.nnz + 1, dtype=torch.int64, device=self.indptr.device)
+            starts = self.indptr[1:-1]
+            marks.index_put_((starts,), torch.ones_like(starts), accumulate=True)
+            self._row_ids = marks[:-1].cumsum(0)
         return self._row_ids
 
     # ---- values -------------------------------------------------------------------------------
@@ -172,6 +176,8 @@ class SparseRows:
 
     def row_sums(self) -> torch.Tensor:
         """(B, 1) total of each row (library size of each cell)."""
+        if self.device.type in ("cpu", "cuda") and len(self):  # the entries come row by row: segment sums
+            return torch.segment_reduce(self.values, "sum", lengths=self.indptr[1:] - self.indptr[:-1]).unsqueeze(1)
         out = torch.zeros(len(self), dtype=self.dtype, device=self.device)
         if self.nnz:
             out.index_add_(0, self.row_ids(), self.values)
