@@ -79,3 +79,48 @@ def test_slurm_script_forwards_sigterm_and_requeues(tmp_path, pbmc_small):
     rerun = subprocess.run(["bash", *script], env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert "resuming from" in rerun.stderr and model.exists() and not resume_state.exists()
+
+
+def test_multi_node_slurm_script_trains_with_torchrun_and_requeues(tmp_path, pbmc_small):
+    """train_ddp.sbatch on one 'node' of 2 CPU processes: srun and scontrol are stand-ins (srun runs
+    its command once, as on a one-node allocation); a SIGTERM to the batch shell stops every rank
+    with a resumable state and requeues; the rerun resumes and finishes."""
+    import socket
+
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    requeued = tmp_path / "requeued.txt"
+    (fake_bin / "srun").write_text('#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    (fake_bin / "scontrol").write_text(
+        f'#!/usr/bin/env bash\nif [ "$1" = show ]; then echo localhost; else echo "$@" >> {requeued}; fi\n'
+    )
+    for stub in ("srun", "scontrol"):
+        (fake_bin / stub).chmod(0o755)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("train: {max_epochs: 25, batch_size: 32}\n")
+    model = tmp_path / "model.ckpt"
+    env = {
+        **os.environ, "PATH": f"{fake_bin}:{BIN}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
+        "SLURM_JOB_ID": "7", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "localhost", "SLURM_CPUS_PER_TASK": "2",
+        "NPROC_PER_NODE": "2", "DEVICE": "cpu", "MASTER_PORT": str(port), "SCVI_CLI_DISTRIBUTED_TIMEOUT": "60",
+    }
+    script = ["bash", str(REPO / "examples/slurm/train_ddp.sbatch"), str(pbmc_small), str(spec), str(model)]
+    job = subprocess.Popen(script, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    resume_state = tmp_path / "model.resume.ckpt"
+    deadline = time.time() + 180
+    while not resume_state.exists():  # written after epoch 5 by --checkpoint-every 5
+        assert job.poll() is None and time.time() < deadline, job.communicate()
+        time.sleep(0.05)
+    job.send_signal(signal.SIGTERM)
+    stdout, stderr = job.communicate(timeout=90)
+    assert job.returncode == 143, stdout + stderr
+    assert requeued.read_text().strip() == "requeue 7"
+    assert "requeueing job 7" in stdout and not model.exists()
+    rerun = subprocess.run(script, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "training finished" in rerun.stdout and "resuming from" in rerun.stderr
+    assert model.exists() and not resume_state.exists()
+    assert len(tmp_path.joinpath("model.history.csv").read_text().splitlines()) == 26
