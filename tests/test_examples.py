@@ -54,6 +54,19 @@ def test_snakemake_workflow_train_embed_impute_loadings(tmp_path, pbmc_small):
     assert "# command: scvi-cli train" in (out / "logs/train.log").read_text()
 
 
+def _preempt_after_first_checkpoint(command, env, resume_state: Path, timeout: float):
+    """Start a batch script, send it SIGTERM once its first resumable state exists (written after
+    epoch 5 by --checkpoint-every 5): (stdout, stderr, the finished process)."""
+    job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + timeout
+    while not resume_state.exists():
+        assert job.poll() is None and time.time() < deadline, job.communicate()
+        time.sleep(0.05)
+    job.send_signal(signal.SIGTERM)
+    stdout, stderr = job.communicate(timeout=90)
+    return stdout, stderr, job
+
+
 def test_slurm_script_forwards_sigterm_and_requeues(tmp_path, pbmc_small):
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
@@ -65,14 +78,8 @@ def test_slurm_script_forwards_sigterm_and_requeues(tmp_path, pbmc_small):
     model = tmp_path / "model.ckpt"
     env = {**os.environ, "PATH": f"{fake_bin}:{BIN}:{os.environ['PATH']}", "SLURM_JOB_ID": "42", "SLURM_CPUS_PER_TASK": "1"}
     script = [str(REPO / "examples/slurm/train.sbatch"), str(pbmc_small), str(spec), str(model)]
-    job = subprocess.Popen(["bash", *script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     resume_state = tmp_path / "model.resume.ckpt"
-    deadline = time.time() + 120
-    while not resume_state.exists():  # written after epoch 5 by --checkpoint-every 5
-        assert job.poll() is None and time.time() < deadline, job.communicate()
-        time.sleep(0.05)
-    job.send_signal(signal.SIGTERM)
-    stdout, stderr = job.communicate(timeout=60)
+    stdout, stderr, job = _preempt_after_first_checkpoint(["bash", *script], env, resume_state, timeout=120)
     assert job.returncode == 143, stderr
     assert requeued.read_text().strip() == "requeue 42"
     assert "requeueing job 42" in stdout
@@ -108,14 +115,8 @@ def test_multi_node_slurm_script_trains_with_torchrun_and_requeues(tmp_path, pbm
         "NPROC_PER_NODE": "2", "DEVICE": "cpu", "MASTER_PORT": str(port), "SCVI_CLI_DISTRIBUTED_TIMEOUT": "60",
     }
     script = ["bash", str(REPO / "examples/slurm/train_ddp.sbatch"), str(pbmc_small), str(spec), str(model)]
-    job = subprocess.Popen(script, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     resume_state = tmp_path / "model.resume.ckpt"
-    deadline = time.time() + 180
-    while not resume_state.exists():  # written after epoch 5 by --checkpoint-every 5
-        assert job.poll() is None and time.time() < deadline, job.communicate()
-        time.sleep(0.05)
-    job.send_signal(signal.SIGTERM)
-    stdout, stderr = job.communicate(timeout=90)
+    stdout, stderr, job = _preempt_after_first_checkpoint(script, env, resume_state, timeout=180)
     assert job.returncode == 143, stdout + stderr
     assert requeued.read_text().strip() == "requeue 7"
     assert "requeueing job 7" in stdout and not model.exists()
