@@ -131,3 +131,26 @@ def test_scale_head_over_all_genes_uses_the_whole_layer():
     linear = decoder.px_scale_decoder[0]
     h = decoder.px_decoder(z, torch.zeros(5, 1, dtype=torch.long))
     torch.testing.assert_close(px_scale, torch.softmax(linear(h), dim=-1))
+
+
+def test_training_dropout_mask_rate_scale_gradient_and_seed():
+    """FCLayers' dropout: zeros with probability p, survivors scaled by 1/(1-p) (so the mean is
+    kept), the gradient is the same mask, a seed repeats it, eval mode is the identity."""
+    from scvi_cli.nn.fc_layers import dropout
+
+    x = torch.full((400, 500), 2.0, requires_grad=True)
+    torch.manual_seed(3)
+    y = dropout(x, 0.1)
+    kept = y != 0
+    rate = 1 - kept.double().mean().item()
+    assert abs(rate - 0.1) < 4 * (0.1 * 0.9 / y.numel()) ** 0.5  # within 4 standard errors
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 2.0 / 0.9))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() / 0.9)
+    torch.manual_seed(3)
+    assert torch.equal(dropout(x.detach(), 0.1), y.detach())
+    assert torch.equal(dropout(x.detach(), 0.0), x.detach()) and not dropout(x.detach(), 1.0).any()
+    layers = FCLayers(5, 4, n_hidden=4, dropout_rate=0.5)
+    layers.eval()
+    h = torch.randn(8, 5)
+    torch.testing.assert_close(layers(h), layers(h))

@@ -27,8 +27,11 @@ def _run(model, optimizer, grads):
         optimizer.step()
 
 
-def test_steps_equal_plain_adam_and_state_keeps_the_parameter_layout():
+def test_steps_equal_plain_adam_and_state_keeps_the_parameter_layout(monkeypatch):
     model, grads = _model_and_gradients()
+    torch_steps = []
+    original = torch.optim.Adam.step
+    monkeypatch.setattr(torch.optim.Adam, "step", lambda self, closure=None: torch_steps.append(1) or original(self, closure))
     weight = model.z_encoder.encoder.fc_layers[0][0].weight
     assert is_column_major(weight) and not weight.is_contiguous()
     plain = copy.deepcopy(model)
@@ -36,6 +39,7 @@ def test_steps_equal_plain_adam_and_state_keeps_the_parameter_layout():
     assert isinstance(optimizer, Adam) and optimizer.defaults["fused"]
     reference = torch.optim.Adam(plain.parameters(), lr=1e-2, eps=0.01, weight_decay=1e-3, foreach=False, fused=False)
     _run(model, optimizer, grads)
+    assert len(torch_steps) == 1  # torch's step creates the state; the fused kernel is then called directly
     _run(plain, reference, grads)
     for (name, p), q in zip(model.named_parameters(), plain.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
