@@ -44,14 +44,14 @@ def test_retained_memory_is_reused_without_page_faults():
     assert retained < plain / 10
 
 
-def test_retention_only_for_blocks_above_the_mmap_ceiling(monkeypatch):
+def test_retention_only_for_blocks_above_the_mmap_threshold(monkeypatch):
     from scvi_cli import device
 
     calls = []
     monkeypatch.setattr(device, "retain_freed_memory", lambda: calls.append(1) or True)
-    assert device.retain_memory_for_wide_minibatches(128, 9000) is False and not calls
-    assert device.retain_memory_for_wide_minibatches(1024, 2000) is False and not calls
-    assert device.retain_memory_for_wide_minibatches(1024, 9000) is True and calls == [1]
+    assert device.retain_memory_for_wide_minibatches(16, 300) is False and not calls  # 19 KB: tiny
+    assert device.retain_memory_for_wide_minibatches(128, 2000) is True and calls == [1]
+    assert device.retain_memory_for_wide_minibatches(1024, 9000) is True and calls == [1, 1]
 
 
 # ---------------------------------------------------------------- device-resident minibatches
