@@ -31,8 +31,11 @@ def make_case(name: str, inputs):
     good = _write(inputs / "good.h5ad", X, obs)
     if name == "missing file":
         return inputs / "nope.h5ad", []
-    if name == "directory":
-        return inputs, []
+    if name == "zarr store":
+        store = inputs / "cells.zarr"
+        store.mkdir()
+        (store / ".zgroup").write_text('{"zarr_format": 2}')
+        return store, []
     if name == "not h5ad":
         (inputs / "text.h5ad").write_text("cell,gene\n")
         return inputs / "text.h5ad", []
@@ -81,7 +84,7 @@ def make_case(name: str, inputs):
 CASES = [
     # name, exit code, fragment of the message
     ("missing file", 1, "nope.h5ad"),
-    ("directory", 1, "directory"),
+    ("zarr store", 1, "cells.zarr: is a directory, not an .h5ad file (zarr stores are not supported)"),
     ("not h5ad", 1, "text.h5ad"),
     ("truncated h5ad", 1, "cut.h5ad"),
     ("negative", 1, "-1"),
