@@ -197,7 +197,7 @@ def _nonzero_entries(x, shape: torch.Size):
         if bool(stored_zero.any()):
             keep = ~stored_zero
             rows, cols, values = rows[keep], cols[keep], values[keep]
-        else:
+        elif x.device.type in ("cpu", "cuda"):  # where torch has segment_reduce
             lengths = x.indptr[1:] - x.indptr[:-1]
         nz, x_mod = rows * n_genes + cols, len(x) * n_genes
     else:
