@@ -63,3 +63,22 @@ def test_state_dict_round_trip_continues_the_same_run():
     _run(twin, resumed, grads[3:])
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_step_hooks_still_run():
+    """Step hooks run on every step, the direct ones too (torch wraps the subclass's step)."""
+    model, grads = _model_and_gradients(seed=2, steps=3)
+    optimizer = make_optimizer(model, SETTINGS)
+    seen = []
+    handle = optimizer.register_step_post_hook(lambda opt, args, kwargs: seen.append(1))
+    _run(model, optimizer, grads)
+    assert seen == [1, 1, 1]
+    handle.remove()
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    global_handle = register_optimizer_step_pre_hook(lambda opt, args, kwargs: seen.append(2))
+    try:
+        _run(model, optimizer, grads[:1])
+    finally:
+        global_handle.remove()
+    assert seen == [1, 1, 1, 2]
