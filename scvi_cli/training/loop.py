@@ -105,9 +105,12 @@ class Adam(torch.optim.Adam):
             p for group in self.param_groups for p in group["params"]
             if p.dim() == 2 and not p.is_contiguous() and p.t().is_contiguous()
         ]
+        torch_step = torch.optim.Adam.step
+        if getattr(torch_step, "hooked", False):  # torch's step-hook wrapper: this step already runs the hooks
+            torch_step = torch_step.__wrapped__
         self._transpose(flipped)
         try:
-            return super().step(closure)
+            return torch_step(self, closure)
         finally:
             self._transpose(flipped)
 
