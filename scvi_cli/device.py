@@ -52,7 +52,7 @@ def retain_freed_memory() -> bool:
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
-def retain_memory_for_wide_minibatches(cells: int, genes: int) -> bool:
+def retain_memory_for_minibatches(cells: int, genes: int) -> bool:
     """retain_freed_memory() when a (cells x genes) float32 block exceeds glibc's initial mmap
     threshold, i.e. for any real minibatch (tiny ones, as in tests, leave the allocator alone)."""
     if cells * genes * 4 <= MMAP_THRESHOLD:

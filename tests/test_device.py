@@ -49,9 +49,9 @@ def test_retention_only_for_blocks_above_the_mmap_threshold(monkeypatch):
 
     calls = []
     monkeypatch.setattr(device, "retain_freed_memory", lambda: calls.append(1) or True)
-    assert device.retain_memory_for_wide_minibatches(16, 300) is False and not calls  # 19 KB: tiny
-    assert device.retain_memory_for_wide_minibatches(128, 2000) is True and calls == [1]
-    assert device.retain_memory_for_wide_minibatches(1024, 9000) is True and calls == [1, 1]
+    assert device.retain_memory_for_minibatches(16, 300) is False and not calls  # 19 KB: tiny
+    assert device.retain_memory_for_minibatches(128, 2000) is True and calls == [1]
+    assert device.retain_memory_for_minibatches(1024, 9000) is True and calls == [1, 1]
 
 
 # ---------------------------------------------------------------- device-resident minibatches

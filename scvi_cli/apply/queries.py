@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from scvi_cli.data import CountData, iterate_in_order
-from scvi_cli.device import count_layout, retain_memory_for_wide_minibatches
+from scvi_cli.device import count_layout, retain_memory_for_minibatches
 from scvi_cli.errors import ScviCliError, UsageError
 from scvi_cli.data.minibatch import Minibatch
 from scvi_cli.models import VAEC, VAEBase
@@ -140,7 +140,7 @@ def _minibatches(module: nn.Module, data: CountData, batch_size: int, device, ce
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     module.eval()
-    retain_memory_for_wide_minibatches(batch_size, data.n_genes)
+    retain_memory_for_minibatches(batch_size, data.n_genes)
     for batch in iterate_in_order(data, batch_size, indices=cells, layout=count_layout(device)):
         yield batch.to(device)
 

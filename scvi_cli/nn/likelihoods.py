@@ -181,24 +181,24 @@ def _broadcast_shape(*shapes) -> torch.Size:
 def _nonzero_entries(x, shape: torch.Size):
     """The nonzero counts of ``x`` broadcast to ``shape``, the one pass over x the NLL needs.
 
-    Returns ``(idx, values, rows, cols, lengths)``: flat indices into ``shape``, the counts there,
-    the row (over all leading axes flattened) and the gene of each entry, and, when the entries
-    are exactly the rows' own in order (CSR counts of the full shape without stored zeros), the
-    number per row, so that per-row sums are segment sums; else None. For CSR counts (SparseRows)
-    rows and genes come from the CSR structure; stored zeros are dropped (the nonzero branch of
-    the formula must not see them). Rows must not store a column twice (canonical CSR, as
-    CountData holds).
+    Returns ``(idx, values, rows, cols, csr)``: flat indices into ``shape``, the counts there,
+    the row (over all leading axes flattened) and the gene of each entry, and ``x`` itself when
+    the entries are exactly its stored ones in order (CSR counts of the full shape without stored
+    zeros), so that per-row sums are ``x.sum_rows``; else None. For CSR counts (SparseRows) rows
+    and genes come from the CSR structure; stored zeros are dropped (the nonzero branch of the
+    formula must not see them). Rows must not store a column twice (canonical CSR, as CountData
+    holds).
     """
     numel, n_genes = math.prod(shape), shape[-1]
-    lengths = None
+    csr = None
     if isinstance(x, SparseRows):
         rows, cols, values = x.row_ids(), x.indices, x.values
         stored_zero = values == 0
         if bool(stored_zero.any()):
             keep = ~stored_zero
             rows, cols, values = rows[keep], cols[keep], values[keep]
-        elif x.device.type in ("cpu", "cuda"):  # where torch has segment_reduce
-            lengths = x.indptr[1:] - x.indptr[:-1]
+        else:
+            csr = x
         nz, x_mod = rows * n_genes + cols, len(x) * n_genes
     else:
         x_src, x_mod = _flat_source(x, shape)
@@ -208,12 +208,14 @@ def _nonzero_entries(x, shape: torch.Size):
         copies = numel // x_mod
         nz = (torch.arange(0, numel, x_mod, device=nz.device)[:, None] + nz).reshape(-1)
         values = values.repeat(copies)
-        rows, cols, lengths = None, None if cols is None else cols.repeat(copies), None
+        rows, csr = None, None
+        if cols is not None:
+            cols = cols.repeat(copies)
     if rows is None:
         rows = nz // n_genes
     if cols is None:
         cols = nz - rows * n_genes
-    return nz, values, rows, cols, lengths
+    return nz, values, rows, cols, csr
 
 
 def _gather_index(idx: torch.Tensor, cols: torch.Tensor, modulus: int, numel: int, n_genes: int) -> torch.Tensor:
@@ -274,7 +276,7 @@ def _fused_nb_forward(
     need_pi = need_pi and zinb
 
     # ---- nonzero counts: one pass over x; everything x-dependent runs on these entries only ----
-    idx, x_nz, rows, cols, lengths = _nonzero_entries(x, shape)
+    idx, x_nz, rows, cols, csr = _nonzero_entries(x, shape)
 
     theta_src, theta_mod = _flat_source(theta, shape)
     theta_idx = _gather_index(idx, cols, theta_mod, numel, n_genes)
@@ -316,10 +318,7 @@ def _fused_nb_forward(
         loc, theta, torch.reciprocal(theta + eps), pi_logits, idx, loc_is_log, need_loc, need_theta, need_pi
     )
     ll = ll.reshape(-1)
-    if lengths is not None:  # the entries come row by row: per-row sums are segment sums
-        ll += torch.segment_reduce(values, "sum", lengths=lengths)
-    else:
-        ll = ll.index_add(0, rows, values)
+    ll = ll.add_(csr.sum_rows(values)) if csr is not None else ll.index_add(0, rows, values)
     nll = ll.view(shape[:-1]).neg_()
 
     # ---- nonzero parts of the local derivatives of the NLL ----

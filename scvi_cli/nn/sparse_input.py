@@ -176,12 +176,18 @@ class SparseRows:
 
     def row_sums(self) -> torch.Tensor:
         """(B, 1) total of each row (library size of each cell)."""
-        if self.device.type in ("cpu", "cuda") and len(self):  # the entries come row by row: segment sums
-            return torch.segment_reduce(self.values, "sum", lengths=self.indptr[1:] - self.indptr[:-1]).unsqueeze(1)
-        out = torch.zeros(len(self), dtype=self.dtype, device=self.device)
+        return self.sum_rows(self.values).unsqueeze(1)
+
+    def sum_rows(self, entry_values: torch.Tensor) -> torch.Tensor:
+        """(B,) per-row sums of one value per stored entry (in the CSR's order): segment sums,
+        as the entries come row by row, where torch has segment_reduce (CPU, CUDA); else a
+        scatter over row_ids."""
+        if self.device.type in ("cpu", "cuda") and len(self):
+            return torch.segment_reduce(entry_values, "sum", lengths=self.indptr[1:] - self.indptr[:-1])
+        out = torch.zeros(len(self), dtype=entry_values.dtype, device=self.device)
         if self.nnz:
-            out.index_add_(0, self.row_ids(), self.values)
-        return out.unsqueeze(1)
+            out.index_add_(0, self.row_ids(), entry_values)
+        return out
 
     def log1p(self) -> SparseRows:
         """log(1 + x) of the stored values (zeros stay zeros); a new SparseRows."""

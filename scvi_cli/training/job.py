@@ -21,7 +21,7 @@ from scvi_cli.atomic import check_writable, refuse_input_as_output
 from scvi_cli.checkpoint import Checkpoint, current_versions, load_checkpoint, save_checkpoint, write_history_csv
 from scvi_cli.data import CountData, CSRMinibatches, DeviceCSRMinibatches, load_count_data, train_validation_split
 from scvi_cli.data.counts import counts_digest
-from scvi_cli.device import count_layout, limit_threads, resolve_device, retain_memory_for_wide_minibatches
+from scvi_cli.device import count_layout, limit_threads, resolve_device, retain_memory_for_minibatches
 from scvi_cli.errors import DataError, UsageError
 from scvi_cli.model_factory import build_model, model_kwargs
 from scvi_cli.training.preemption import TrainingStopped, stop_on_signals
@@ -277,7 +277,7 @@ def _train(
     elif resume:
         reporter.message(f"no resumable state at {resume_path}; starting from the first epoch")
 
-    retain_memory_for_wide_minibatches(spec.train.batch_size, data.n_genes)
+    retain_memory_for_minibatches(spec.train.batch_size, data.n_genes)
     source, train_rows, validation_rows = data, train_idx, validation_idx
     if shared_in_memory:  # this rank's cells only, read into memory, at their rows there
         from scvi_cli.data.backed import in_memory_share

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from scvi_cli.data.minibatch import Minibatch, MinibatchSource
+from scvi_cli.nn.sparse_input import is_column_major
 from scvi_cli.training import distributed
 from scvi_cli.models.outputs import LossOutput
 
@@ -85,6 +86,12 @@ def kl_weight(epoch: int, warmup_epochs: int) -> float:
     return min(epoch / warmup_epochs, 1.0)
 
 
+def _stored_transposed(p: torch.Tensor) -> bool:
+    """A column-major 2-d parameter (see nn/sparse_input.column_major_), which torch's fused
+    kernel would copy: its transpose is the contiguous tensor to step."""
+    return not p.is_contiguous() and is_column_major(p)
+
+
 class Adam(torch.optim.Adam):
     """torch's Adam (its state, state dict and update), with two costs of its step removed.
 
@@ -101,10 +108,7 @@ class Adam(torch.optim.Adam):
     def step(self, closure=None):
         if closure is None and self._direct_step():
             return None
-        flipped = [
-            p for group in self.param_groups for p in group["params"]
-            if p.dim() == 2 and not p.is_contiguous() and p.t().is_contiguous()
-        ]
+        flipped = [p for group in self.param_groups for p in group["params"] if _stored_transposed(p)]
         torch_step = torch.optim.Adam.step
         if getattr(torch_step, "hooked", False):  # torch's step-hook wrapper: this step already runs the hooks
             torch_step = torch_step.__wrapped__
@@ -134,9 +138,9 @@ class Adam(torch.optim.Adam):
                 state = self.state.get(p)
                 if not state or p.grad.is_sparse or not torch.is_tensor(state.get("step")):
                     return False
-                view = (lambda t: t.t()) if p.dim() == 2 and not p.is_contiguous() and p.t().is_contiguous() else (lambda t: t)
+                flip = _stored_transposed(p)
                 for bucket, tensor in zip(lists, (p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"])):
-                    bucket.append(view(tensor) if tensor.dim() == 2 else tensor)
+                    bucket.append(tensor.t() if flip and tensor.dim() == 2 else tensor)
             if lists[0] and len({(t.device, t.dtype) for t in lists[0]}) != 1:
                 return False
             groups.append((group, lists))
