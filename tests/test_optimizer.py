@@ -39,7 +39,7 @@ def test_steps_equal_plain_adam_and_state_keeps_the_parameter_layout(monkeypatch
     assert isinstance(optimizer, Adam) and optimizer.defaults["fused"]
     reference = torch.optim.Adam(plain.parameters(), lr=1e-2, eps=0.01, weight_decay=1e-3, foreach=False, fused=False)
     _run(model, optimizer, grads)
-    assert len(torch_steps) == 1  # torch's step creates the state; the fused kernel is then called directly
+    assert not torch_steps  # the fused kernel is called directly from the first step on
     _run(plain, reference, grads)
     for (name, p), q in zip(model.named_parameters(), plain.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
@@ -85,11 +85,52 @@ print(" ".join(seen))
 
 
 def test_step_hooks_run_once_per_step():
-    """Step hooks (the optimizer's and the global ones) run once per step: on the first step,
-    which goes through torch's step, and on the direct ones. In a fresh interpreter, so that
-    torch's own Adam.step is wrapped for hooks as in any process that made a torch Adam."""
+    """Step hooks (the optimizer's and the global ones) run once per step, direct or through
+    torch's step. In a fresh interpreter, so that torch's own Adam.step is wrapped for hooks as
+    in any process that made a torch Adam."""
     import subprocess
     import sys
 
     out = subprocess.run([sys.executable, "-c", HOOKS_ONCE_PER_STEP], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["pre", "post"] * 3
+
+
+def test_falls_back_to_torchs_step_where_the_fused_kernel_does_not_apply():
+    model, grads = _model_and_gradients(seed=2, steps=3)
+    plain = copy.deepcopy(model)
+    optimizer = Adam(model.parameters(), lr=1e-2, eps=0.01, weight_decay=1e-3, fused=True, amsgrad=True)
+    reference = torch.optim.Adam(plain.parameters(), lr=1e-2, eps=0.01, weight_decay=1e-3, amsgrad=True, fused=False)
+    _run(model, optimizer, grads)
+    _run(plain, reference, grads)
+    for p, q in zip(model.parameters(), plain.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+NO_DYNAMO = """
+import sys
+import numpy as np
+import torch
+from scvi_cli.data.minibatch import Minibatch
+from scvi_cli.models import VAE
+from scvi_cli.training.loop import TrainSettings, fit
+torch.manual_seed(0)
+model = VAE(30, n_latent=3, n_hidden=8, use_observed_lib_size=True)
+counts = torch.poisson(torch.full((16, 30), 2.0))
+batches = [Minibatch(x=counts[:8]), Minibatch(x=counts[8:])]
+class Source(list):
+    def set_epoch(self, epoch):
+        pass
+state = fit(model, Source(batches), settings=TrainSettings(max_epochs=2))
+state = fit(model, Source(batches), settings=TrainSettings(max_epochs=3), state=state)
+print(state.epoch, "torch._dynamo" in sys.modules)
+"""
+
+
+def test_training_does_not_import_torch_dynamo():
+    """torch.optim's guards import torch._dynamo on first use (0.8-1.9 s of start-up); training,
+    saving and reloading the optimizer's state go without it. In a fresh interpreter."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", NO_DYNAMO], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["3", "False"]

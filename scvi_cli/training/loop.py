@@ -92,8 +92,15 @@ def _stored_transposed(p: torch.Tensor) -> bool:
     return not p.is_contiguous() and is_column_major(p)
 
 
+def _without_dynamo_guard(method):
+    """A torch.optim.Optimizer method without its ``torch._disable_dynamo`` wrapper, whose first
+    call imports torch._dynamo: 0.8-1.9 s of every training command's start-up, for a guard that
+    only matters under torch.compile, which training does not use."""
+    return getattr(method, "__wrapped__", method)
+
+
 class Adam(torch.optim.Adam):
-    """torch's Adam (its state, state dict and update), with two costs of its step removed.
+    """torch's Adam (its state, state dict and update), with three costs of its step removed.
 
     The encoders' first Linear weights are stored column-major for the sparse first layer
     (nn/sparse_input.py). torch's fused kernel copies a non-contiguous parameter (and its
@@ -101,9 +108,15 @@ class Adam(torch.optim.Adam):
     153 us for one 128 x 2000 weight on 2 threads. Adam is elementwise, so for each such
     parameter the step runs on the transposed views of its data, gradient and moments (all
     contiguous, no copy) and the views are turned back afterwards: the same update, and a
-    state dict in the parameter's own shape. From the second step on, the fused kernel is called
-    directly (see ``_direct_step``).
+    state dict in the parameter's own shape. Where torch has the fused kernel, it is called
+    directly (see ``_direct_step``), and neither the step nor the methods below import
+    torch._dynamo (see ``_without_dynamo_guard``).
     """
+
+    add_param_group = _without_dynamo_guard(torch.optim.Optimizer.add_param_group)
+    zero_grad = _without_dynamo_guard(torch.optim.Optimizer.zero_grad)
+    state_dict = _without_dynamo_guard(torch.optim.Optimizer.state_dict)
+    load_state_dict = _without_dynamo_guard(torch.optim.Optimizer.load_state_dict)
 
     def step(self, closure=None):
         if closure is None and self._direct_step():
@@ -120,10 +133,10 @@ class Adam(torch.optim.Adam):
 
     @torch.no_grad()
     def _direct_step(self) -> bool:
-        """The fused update called directly, as torch's own step would, once every parameter with
-        a gradient has its state (from the second step on): torch's step spends about 0.3 ms of
-        Python per call on choosing a kernel and grouping tensors, a few percent of a training
-        step at batch 128. Returns False (nothing done) in any other case, for torch's step."""
+        """The fused update called directly, as torch's own step would (state created as torch's
+        first step creates it): torch's step spends about 0.3 ms of Python per call on choosing a
+        kernel and grouping tensors, a few percent of a training step at batch 128, and its first
+        call imports torch._dynamo. Returns False (nothing done) where torch's step is needed."""
         kernel = getattr(torch, "_fused_adam_", None)
         groups = []
         for group in self.param_groups:
@@ -135,8 +148,12 @@ class Adam(torch.optim.Adam):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                state = self.state.get(p)
-                if not state or p.grad.is_sparse or not torch.is_tensor(state.get("step")):
+                if p.grad.is_sparse or not p.is_floating_point():
+                    return False
+                state = self.state[p]
+                if not state:
+                    _initial_state(state, p)
+                elif not torch.is_tensor(state.get("step")):
                     return False
                 flip = _stored_transposed(p)
                 for bucket, tensor in zip(lists, (p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"])):
@@ -165,6 +182,14 @@ class Adam(torch.optim.Adam):
             for key, value in state.items():
                 if torch.is_tensor(value) and value.dim() == 2:
                     state[key] = value.t()
+
+
+def _initial_state(state: dict, p: torch.Tensor) -> None:
+    """Adam's state before its first step, as torch's fused Adam creates it: a float32 step
+    count on the parameter's device and zero moments in the parameter's own layout."""
+    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def make_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
