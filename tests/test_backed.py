@@ -317,3 +317,19 @@ def test_the_run_fingerprint_does_not_depend_on_how_the_counts_were_read(tmp_pat
     assert counts_digest(changed) != counts_digest(memory.X)
     regrouped = sp.csr_matrix((memory.X.data, memory.X.indices, np.r_[0, memory.X.indptr[2:]]), shape=(memory.n_cells - 1, 40))
     assert counts_digest(regrouped) != counts_digest(memory.X)
+
+
+def test_the_counts_digest_is_the_documented_sha256_on_one_thread_or_two():
+    """CountsDigest by hand (three sha256 streams: row lengths and columns as int64, values as
+    float32, combined after the row count), against the chunked and the two-thread digests."""
+    import hashlib
+
+    from scvi_cli.data.counts import counts_digest
+
+    X = sp.random(3000, 2000, density=0.2, format="csr", random_state=0, dtype=np.float32)  # 1.2M entries
+    streams = [np.diff(X.indptr).astype(np.int64), X.indices.astype(np.int64), X.data.astype(np.float32)]
+    want = hashlib.sha256(b"3000")
+    for stream in streams:
+        want.update(hashlib.sha256(stream.tobytes()).digest())
+    assert X.nnz >= 1 << 20  # large enough for the second thread
+    assert counts_digest(X, threads=1) == counts_digest(X, threads=2) == want.hexdigest()

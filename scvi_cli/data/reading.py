@@ -72,11 +72,36 @@ def read_h5ad(path: str | os.PathLike, backed: bool = False):
         with warnings.catch_warnings():
             # anndata's notes on old file versions are not the user's problem.
             warnings.simplefilter("ignore", category=FutureWarning)
-            return anndata.read_h5ad(p, backed="r" if backed else None)
+            return anndata.read_h5ad(p, backed="r") if backed else _read_in_memory(p)
     except MemoryError:
         raise
     except Exception as e:  # h5py/anndata raise many types for damaged files; report them all alike
         raise DataError(f"{name}: cannot read as .h5ad, the file looks corrupt ({first_line(e)})") from e
+
+
+def _read_in_memory(path: Path):
+    """anndata.read_h5ad, with the sparse matrices (the counts) read by data/inflate.py on the
+    command's threads (torch's count, which --threads sets). Files older than anndata 0.8's
+    layout (no root encoding, or legacy raw.X / structured obs) go to anndata.read_h5ad whole."""
+    import anndata
+    import h5py
+    import torch
+    from anndata.experimental import read_dispatched
+
+    from scvi_cli.data.inflate import read_sparse_group
+
+    threads = torch.get_num_threads()
+    with h5py.File(path, "r") as f:
+        modern = f.attrs.get("encoding-type") == "anndata" and isinstance(f["obs"], h5py.Group) and "raw.X" not in f
+        if not modern or threads < 2:
+            return anndata.read_h5ad(path)
+
+        def callback(read_func, elem_name: str, elem, iospec):
+            if iospec.encoding_type in ("csr_matrix", "csc_matrix") and isinstance(elem, h5py.Group):
+                return read_sparse_group(elem, iospec.encoding_type, threads)
+            return read_func(elem)
+
+        return read_dispatched(f, callback=callback)
 
 
 # --------------------------------------------------------------------------------------------

@@ -154,7 +154,7 @@ def run_fingerprint(spec: Spec, data: CountData) -> str:
     digest = hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode())
     X = data.X
     # backed counts were hashed in their streaming pass; both give the same digest of the same counts
-    digest.update((X.digest if data.backed else counts_digest(X)).encode())
+    digest.update((X.digest if data.backed else counts_digest(X, threads=torch.get_num_threads())).encode())
     for array in (np.asarray(X.shape), data.batch_codes, data.label_codes):
         digest.update(np.ascontiguousarray(array))
     for optional in (data.cat_cov_codes, data.cont_covs):
