@@ -28,9 +28,10 @@ prepare() {
         grep -qxF "$folder" .git/info/exclude 2>/dev/null || echo "$folder" >> .git/info/exclude
     done
     mkdir -p .whl .gpu
-    # anndata and pydantic with everything they need that the GPU image lacks, at the pinned versions
+    # anndata, pydantic (with everything they need) and isal: what the GPU image lacks, at the pinned versions
     local names=(anndata array-api-compat legacy-api-wrap natsort scverse-misc zarr numcodecs donfig
-                 google-crc32c session-info2 pydantic pydantic_core annotated-types typing-inspection typing_extensions)
+                 google-crc32c session-info2 pydantic pydantic_core annotated-types typing-inspection typing_extensions
+                 isal)
     for name in "${names[@]}"; do
         pin=$(grep -i "^${name}==" requirements/constraints.txt)
         "$python" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
