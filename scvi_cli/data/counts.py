@@ -71,6 +71,16 @@ class CountData:
         return [len(self.categories[k]) for k in self.cat_cov_keys]
 
 
+# What each of CountsDigest's three streams hashes, from a block of CSR rows.
+_STREAM_BYTES = (
+    lambda indptr, indices, data: np.diff(indptr).astype(np.int64, copy=False),  # row lengths
+    lambda indptr, indices, data: np.ascontiguousarray(indices.astype(np.int64, copy=False)),  # columns
+    lambda indptr, indices, data: np.ascontiguousarray(data.astype(np.float32, copy=False)),  # values
+)
+# Below this many entries a second hashing thread costs more than it saves.
+_THREADED_DIGEST_MIN_NNZ = 1 << 20
+
+
 class CountsDigest:
     """sha256 of CSR counts fed in row chunks, whatever the chunking: the same counts give the
     same digest read whole in memory or chunk by chunk from disk, so a run's fingerprint does not
@@ -83,17 +93,9 @@ class CountsDigest:
 
     def update(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> None:
         """Add rows given as CSR arrays (``indptr`` may start past 0; indices/data are the rows' own)."""
-        self._update_streams((0, 1, 2), indptr, indices, data)
+        for stream, encode in zip(self._streams, _STREAM_BYTES):
+            stream.update(encode(indptr, indices, data))
         self._rows += len(indptr) - 1
-
-    def _update_streams(self, which, indptr, indices, data) -> None:
-        lengths, columns, values = self._streams
-        if 0 in which:
-            lengths.update(np.diff(indptr).astype(np.int64, copy=False))
-        if 1 in which:
-            columns.update(np.ascontiguousarray(indices.astype(np.int64, copy=False)))
-        if 2 in which:
-            values.update(np.ascontiguousarray(data.astype(np.float32, copy=False)))
 
     def update_matrix(self, X: sp.csr_matrix, chunk_rows: int = 8192, threads: int = 1) -> None:
         """Add the rows of an in-memory CSR matrix, chunk by chunk through views of its buffers.
@@ -102,13 +104,15 @@ class CountsDigest:
         on a second thread beside the others; sha256 and numpy's casts release the GIL, and the
         digest is the same."""
 
-        def feed(which) -> None:
+        def feed(streams) -> None:
             for start in range(0, X.shape[0], chunk_rows):
                 stop = min(start + chunk_rows, X.shape[0])
                 first, last = int(X.indptr[start]), int(X.indptr[stop])
-                self._update_streams(which, X.indptr[start : stop + 1], X.indices[first:last], X.data[first:last])
+                rows = X.indptr[start : stop + 1], X.indices[first:last], X.data[first:last]
+                for k in streams:
+                    self._streams[k].update(_STREAM_BYTES[k](*rows))
 
-        if threads >= 2 and X.nnz >= 1 << 20:
+        if threads >= 2 and X.nnz >= _THREADED_DIGEST_MIN_NNZ:
             with ThreadPoolExecutor(max_workers=1) as pool:
                 columns = pool.submit(feed, (1,))
                 feed((0, 2))

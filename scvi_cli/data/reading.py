@@ -81,8 +81,9 @@ def read_h5ad(path: str | os.PathLike, backed: bool = False):
 
 def _read_in_memory(path: Path):
     """anndata.read_h5ad, with the sparse matrices (the counts) read by data/inflate.py on the
-    command's threads (torch's count, which --threads sets). Files older than anndata 0.8's
-    layout (no root encoding, or legacy raw.X / structured obs) go to anndata.read_h5ad whole."""
+    command's threads (torch's count, which --threads sets; on one thread inflate.py leaves every
+    array to h5py). Files older than anndata 0.8's layout (no root encoding, or legacy raw.X /
+    structured obs) go to anndata.read_h5ad whole."""
     import anndata
     import h5py
     import torch
@@ -93,7 +94,7 @@ def _read_in_memory(path: Path):
     threads = torch.get_num_threads()
     with h5py.File(path, "r") as f:
         modern = f.attrs.get("encoding-type") == "anndata" and isinstance(f["obs"], h5py.Group) and "raw.X" not in f
-        if not modern or threads < 2:
+        if not modern:
             return anndata.read_h5ad(path)
 
         def callback(read_func, elem_name: str, elem, iospec):
