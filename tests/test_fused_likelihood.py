@@ -353,12 +353,25 @@ def test_broadcast_shape_matches_torch():
         _broadcast_shape((3, 4), (5,))
 
 
-def test_softplus_row_sums_match_softplus():
-    """The dense ZINB terms' row sums of softplus, against F.softplus in float64, from -100 to 100."""
-    from scvi_cli.nn.likelihoods import _softplus_row_sums
+def test_softplus_difference_rows_match_softplus():
+    """The dense ZINB terms' row sums of softplus(b) - softplus(pi) from shared sigmoids, against
+    F.softplus in float64, over -1000..1000 (no overflow), with the sigmoids they return."""
+    from scvi_cli.nn.likelihoods import _softplus_difference_rows
 
     torch.manual_seed(0)
-    t = torch.cat([torch.linspace(-100, 100, 4000), torch.randn(4000) * 5]).reshape(4, 2000)
-    want = torch.nn.functional.softplus(t.double()).sum(-1)
-    torch.testing.assert_close(_softplus_row_sums(t).double(), want, rtol=1e-6, atol=2000 * 6e-8)
-    torch.testing.assert_close(_softplus_row_sums(t.double()), want, rtol=1e-12, atol=1e-12)
+    b = torch.cat([torch.linspace(-100, 100, 4000), torch.randn(3990) * 5, torch.tensor([-1e3, 1e3] * 5)])
+    b = b.reshape(4, 2000)
+    pi = torch.cat([torch.randn(4000) * 5, torch.linspace(100, -100, 3990), torch.tensor([1e3, -1e3] * 5)])
+    pi = pi.reshape(4, 2000)
+    want = (torch.nn.functional.softplus(b.double()) - torch.nn.functional.softplus(pi.double())).sum(-1)
+    for dtype, rtol, atol_each in ((torch.float32, 1e-6, 1.2e-7), (torch.float64, 1e-12, 1e-15)):
+        rows, sig_b, sig_pi = _softplus_difference_rows(b.to(dtype), pi.to(dtype))
+        assert torch.isfinite(rows).all()
+        torch.testing.assert_close(rows.double(), want, rtol=rtol, atol=2000 * atol_each)
+        torch.testing.assert_close(sig_b, torch.sigmoid(b.to(dtype)), rtol=0, atol=0)
+        torch.testing.assert_close(sig_pi, torch.sigmoid(pi.to(dtype)), rtol=0, atol=0)
+    # pi broadcast from one row of logits (an expanded view), as the NLL passes a (G,) pi
+    rows, _, sig_pi = _softplus_difference_rows(b, pi[0].expand(b.shape))
+    want = (torch.nn.functional.softplus(b.double()) - torch.nn.functional.softplus(pi[0].double())).sum(-1)
+    torch.testing.assert_close(rows.double(), want, rtol=1e-6, atol=2000 * 1.2e-7)
+    assert sig_pi.shape == b.shape
