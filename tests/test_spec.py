@@ -986,6 +986,7 @@ def test_example_contents():
     assert cov.data.categorical_covariate_keys and cov.data.continuous_covariate_keys
     demo = by_name["demo_pbmc4k.yaml"]
     assert demo.train.max_epochs == 30
+    assert demo.train.kl_warmup_epochs < demo.train.max_epochs  # the KL weight reaches 1 in the demo
     assert demo.data.batch_key is None
     assert demo.to_dict()["model"] == SCVI_DEFAULTS
 
