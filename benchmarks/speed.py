@@ -25,7 +25,7 @@ What is measured, per size, with both tools alternating which goes first job by 
   they arrive; start-up is process start to the first step (the ``epoch 1/N`` line's arrival minus
   epoch 1's own seconds: interpreter, imports, reading the h5ad, building the model and the
   optimizer); the per-epoch seconds are the ``seconds`` column of
-  MODEL.history.csv (the loop's own timer, validation pass included); steady state is the median
+  MODEL.history.csv (the loop's own timer, a validation pass included if one ran); steady state is the median
   of epochs 2..N. scvi-tools runs a script (written to DIR/scvi_tools_job.py) in its own Python:
   ``SCVI.setup_anndata``, ``SCVI(adata)``, ``.train(...)`` with a Lightning callback stamping every
   epoch start; start-up is process start to the first training batch.
@@ -41,8 +41,13 @@ What is measured, per size, with both tools alternating which goes first job by 
   not evaluated by default in either tool), forward + 2 x backward, over a measured fp32 sgemm
   rate (2048^3 at N threads); and the same GEMMs timed one by one at the step's own shapes.
 
-Both tools use their defaults where they differ: scvi-cli evaluates the validation ELBO every epoch
-(scvi-tools does not unless asked), inference batch 1024 in scvi-cli and 128 in scvi-tools
+Validation: scvi-tools evaluates no validation ELBO unless asked (early stopping), scvi-cli by
+default after every epoch; the benchmark trains scvi-cli as scvi-tools, with
+``train.validation_every_n_epochs=null`` (``--cli-validation every-epoch`` times scvi-cli's own
+default instead). scvi-cli trains with ``train.compile=true`` (``--cli-compile``): under the
+default ``auto`` a run of default length compiles its likelihood (20k: 400 epochs, 100k: 80),
+while these few epochs alone would not; the build falls in epoch 1 and in the whole command's
+seconds, not in the steady-state epochs. Inference batch: 1024 in scvi-cli and 128 in scvi-tools, their defaults
 (``--scvi-tools-inference-batch-size`` changes the latter). Results: a Markdown table on stdout,
 DIR/table.md, DIR/results.json (raw numbers), DIR/logs/<run>/ (every command's stderr, stamped).
 """
@@ -285,6 +290,9 @@ def cli_train(runner: Runner, scvi_cli: str, data: Path, size: str, batch_size: 
            "--seed", "0", "--json", "--set", f"train.max_epochs={args.epochs}", "--set", f"train.batch_size={batch_size}"]
     if SIZES[size]["batch_key"]:
         cmd += ["--set", f"data.batch_key={SIZES[size]['batch_key']}"]
+    if args.cli_validation == "none":
+        cmd += ["--set", "train.validation_every_n_epochs=null"]
+    cmd += ["--set", f"train.compile={args.cli_compile}"]
     r = runner.run(f"{size}-cli-train-b{batch_size}", cmd)
     seconds = read_history_seconds(out.with_name(out.stem + ".history.csv"))
     ready = first_line_time(r["stderr"], "training: epochs")  # printed just before fit()
@@ -567,8 +575,11 @@ def make_table(results: dict) -> str:
              f"scvi-tools {meta.get('scvi_tools_version', '—')}, scvi-cli {meta['scvi_cli_version']}, torch {meta['torch']}. "
              f"Ratio: scvi-tools ÷ scvi-cli for seconds and MiB, scvi-cli ÷ scvi-tools for cells/s (above 1: scvi-cli better). "
              f"Matmul floor: {rate['gflops']:.1f} GFLOP/s fp32 ({rate['n']}³ sgemm, {rate['threads']} threads) "
-             f"against 3 x forward FLOPs of the training cells; scvi-cli also runs a validation pass every epoch, "
-             f"scvi-tools does not by default.")
+             f"against 3 x forward FLOPs of the training cells. "
+             + ("Neither tool runs a validation pass (scvi-tools' default; scvi-cli with train.validation_every_n_epochs=null)."
+                if meta.get("cli_validation", "every-epoch") == "none" else
+                "scvi-cli also runs a validation pass every epoch (its default), scvi-tools does not (its default).")
+             + f" scvi-cli train.compile={meta.get('cli_compile', 'auto')} (the build is in epoch 1 and the whole command, not in the steady epochs).")
     if best_probe:
         probes = meta["probe_gflops"]
         notes += (f" Contention probe (128 x 2000 x 128 matmul before and after every command): "
@@ -596,6 +607,12 @@ def main() -> None:
     parser.add_argument("--scvi-tools-inference-batch-size", type=int, default=None,
                         help="batch_size for scvi-tools' inference calls (default: its own, 128)")
     parser.add_argument("--scvi-cli", default=None, help="scvi-cli executable (default: the one beside this Python)")
+    parser.add_argument("--cli-validation", choices=["none", "every-epoch"], default="none",
+                        help="scvi-cli's validation passes while training: none, as scvi-tools by default (the "
+                             "default here), or every-epoch, scvi-cli's own default")
+    parser.add_argument("--cli-compile", choices=["auto", "true", "false"], default="true",
+                        help="scvi-cli's train.compile (default true: what a default-length run does under auto, "
+                             "where these few epochs alone would not compile)")
     parser.add_argument("--keep-outputs", action="store_true", help="keep the embed/impute .npy files")
     args = parser.parse_args()
 
@@ -617,6 +634,7 @@ def main() -> None:
     from scvi_cli import __version__ as scvi_cli_version
 
     meta = {"epochs": args.epochs, "threads": args.threads, "repeats": args.repeats, "sizes": sizes,
+            "cli_validation": args.cli_validation, "cli_compile": args.cli_compile,
             "scvi_cli_version": scvi_cli_version, "torch": torch.__version__,
             "host_cpus": os.cpu_count(), "rss_tool": runner.time or "getrusage wrapper",
             "scvi_tools_python": st_python, "logs": str(runner.logs), "scvi_tools_inference_batch_size": args.scvi_tools_inference_batch_size,

@@ -10,6 +10,7 @@ gene names, category labels, weights, per-epoch history and training facts.
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import platform
@@ -234,11 +235,17 @@ def load_checkpoint(path: str | os.PathLike, expected_type: str | Collection[str
     return ckpt
 
 
+def final_metrics(history: dict[str, list[float]]) -> dict[str, float]:
+    """Each metric's value at the last epoch, leaving out those that epoch did not measure (NaN:
+    validation of an interrupted run whose last completed epoch had no validation pass)."""
+    return {name: values[-1] for name, values in history.items() if values and not math.isnan(values[-1])}
+
+
 def write_history_csv(path: str | os.PathLike, history: dict[str, list[float]]) -> None:
     """Write per-epoch metrics as CSV (tab-separated for .tsv), atomically.
 
     Columns are 'epoch' (0-based, as in the KL warm-up schedule) then the metrics in the given
-    order; a metric recorded for fewer epochs (e.g. validation) leaves its later cells empty.
+    order; an epoch that did not measure a metric (validation between two passes) leaves its cell empty.
     """
     frame = pd.DataFrame({name: pd.Series(list(values), dtype="float64") for name, values in history.items()})
     frame.index.name = "epoch"

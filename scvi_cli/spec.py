@@ -176,8 +176,19 @@ class TrainSpec(_Section):
     early_stopping: StrictBool = False  # on the validation ELBO
     early_stopping_patience: PositiveInt = 45
     early_stopping_min_delta: NonNegativeFloat = 0.0
+    # the validation ELBO every n epochs and at the last; null: never (scvi-tools' default)
+    validation_every_n_epochs: PositiveInt | None = 1
     seed: Annotated[int, Field(strict=True, ge=0, le=2**32 - 1)] = 0  # any RNG accepts it
     precision: Precision = "32"
+    # the likelihood through torch.compile: auto = on the CPU for runs long enough to repay the build
+    compile: Literal["auto"] | StrictBool = "auto"
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_choice(cls, value: Any) -> Any:
+        if value == "auto" or isinstance(value, bool):
+            return value
+        raise _Problem("train.compile", f"must be auto, true or false (got {_show(value)})")
 
     @field_validator("precision", mode="before")
     @classmethod
@@ -262,6 +273,12 @@ def _check_consistency(spec: Spec) -> None:
         raise _Problem(
             "train.early_stopping",
             f"needs a validation set, but train.train_size is 1.0{why}; set it below 1",
+        )
+    if train.early_stopping and train.validation_every_n_epochs != 1:
+        raise _Problem(
+            "train.validation_every_n_epochs",
+            f"must be 1 with train.early_stopping (it watches the validation ELBO every epoch), not "
+            f"{'null' if train.validation_every_n_epochs is None else train.validation_every_n_epochs}",
         )
 
 

@@ -101,6 +101,37 @@ def test_set_overrides_reach_the_checkpoint(tmp_path, pbmc_small, run_cli):
     assert checkpoint.state_dict["z_encoder.mean_encoder.weight"].shape[0] == 4
 
 
+def test_validation_every_n_epochs_and_never(tmp_path, pbmc_small, run_cli):
+    """Validation after epochs 2, 4 and the last (5) of 5 with n = 2, none at all with null: the
+    history keeps one row per epoch (empty cells where no pass ran) and the final metrics hold
+    the last pass."""
+    every_two = tmp_path / "two.ckpt"
+    code, out, err = run_cli("train", pbmc_small, "--out", every_two, "--set", "train.max_epochs=5", "--threads", "1",
+                             "--quiet", "--json", "--set", "train.validation_every_n_epochs=2")
+    assert code == 0, err
+    frame = pd.read_csv(tmp_path / "two.history.csv")
+    assert frame["epoch"].tolist() == [0, 1, 2, 3, 4]
+    measured = frame["elbo_validation"].notna().tolist()
+    assert measured == [False, True, False, True, True]
+    assert frame["elbo_train"].notna().all()
+    final = json.loads(out)["final_metrics"]
+    assert final["elbo_validation"] == pytest.approx(frame["elbo_validation"].iloc[-1])
+
+    never = tmp_path / "never.ckpt"
+    code, out, err = run_cli("train", pbmc_small, "--out", never, *FAST, "--json",
+                             "--set", "train.validation_every_n_epochs=null")
+    assert code == 0, err
+    frame = pd.read_csv(tmp_path / "never.history.csv")
+    assert not [c for c in frame.columns if c.endswith("_validation")] and len(frame) == 3
+    assert "elbo_validation" not in json.loads(out)["final_metrics"]
+    assert load_checkpoint(never).spec["train"]["validation_every_n_epochs"] is None
+
+    code, _, err = run_cli("train", pbmc_small, "--out", tmp_path / "bad.ckpt", *FAST,
+                           "--set", "train.early_stopping=true", "--set", "train.validation_every_n_epochs=3")
+    assert code != 0 and "train.validation_every_n_epochs=3: must be 1 with train.early_stopping" in err
+    assert not (tmp_path / "bad.ckpt").exists()
+
+
 @pytest.mark.parametrize(
     "args, exit_code, fragment",
     [

@@ -122,8 +122,12 @@ def test_float32_matches_plain_formula_at_realistic_sizes(zinb, log, per_cell_th
     pi = pi if zinb else None
     loc = mu.log() if log else mu
     got = value_and_grads(lambda x_, *p: fused(x_, *p, log=log), x, loc, theta, pi)
+    assert_float32_close_to_plain_formula(got, x, loc, theta, pi, log)
 
-    # the plain formula, autograd, in float64 (truth) and in float32 (what float32 can do)
+
+def assert_float32_close_to_plain_formula(got, x, loc, theta, pi, log):
+    """``got`` (value and gradients in float32) against autograd through the plain formula: in
+    float64 (the truth) within twice what the plain formula achieves in float32."""
     to64 = lambda t: None if t is None else t.double()
     plain = lambda x_, loc_, *rest: plain_nll(x_, loc_.exp() if log else loc_, *rest)
     truth = value_and_grads(plain, x.double(), to64(loc), to64(theta), to64(pi))

@@ -78,6 +78,31 @@ def test_warnings_say_when_the_kl_weight_never_reached_one():
     one_noisy_epoch = list(np.linspace(100, 50, 14)) + [60.0]
     assert not training_warnings(_checkpoint(kl_weight=[1.0] * 15, elbo_validation=one_noisy_epoch))
     assert any("no training history" in w for w in training_warnings(_checkpoint()))
+    # validation every 2 epochs: NaN between passes; the rise is read over the passes, named by epoch
+    sparse = [v for pair in zip([np.nan] * 15, rising) for v in pair]
+    warning = [w for w in training_warnings(_checkpoint(kl_weight=[1.0] * 30, elbo_validation=sparse)) if "overfit" in w]
+    assert len(warning) == 1 and "lowest at epoch 19 (50.00)" in warning[0] and "last 5 validation passes" in warning[0]
+    sparse_noise = [v for pair in zip([np.nan] * 15, one_noisy_epoch) for v in pair]
+    assert not training_warnings(_checkpoint(kl_weight=[1.0] * 30, elbo_validation=sparse_noise))
+
+
+def test_training_curves_draw_sparse_validation_at_its_epochs(monkeypatch):
+    from scvi_cli.report import figures
+
+    drawn = {}
+
+    def keep(fig):
+        drawn["fig"] = fig
+        return b"png"
+
+    monkeypatch.setattr(figures, "_png", keep)
+    nan = float("nan")
+    history = {"elbo_train": [5.0, 4.0, 3.0, 2.5, 2.0], "elbo_validation": [nan, 4.5, nan, 3.5, 3.0], "kl_weight": [1.0] * 5}
+    assert figures.training_curves(history) == b"png"
+    train_line, validation_line = drawn["fig"].axes[0].get_lines()
+    assert train_line.get_xdata().tolist() == [0, 1, 2, 3, 4]
+    assert validation_line.get_xdata().tolist() == [1, 3, 4] and validation_line.get_ydata().tolist() == [4.5, 3.5, 3.0]
+    assert validation_line.get_marker() == "."
 
 
 def test_subsample_is_seeded_and_bounded():

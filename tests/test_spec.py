@@ -96,8 +96,10 @@ TRAIN_DEFAULTS = {
     "early_stopping": False,
     "early_stopping_patience": 45,
     "early_stopping_min_delta": 0.0,
+    "validation_every_n_epochs": 1,
     "seed": 0,
     "precision": "32",
+    "compile": "auto",
 }
 
 
@@ -408,11 +410,18 @@ def test_unknown_key_in_data_and_train(tmp_path):
     assert message.endswith("(and 1 more)")
 
 
+@pytest.mark.parametrize("value, shown", [("sometimes", "'sometimes'"), (1, "1"), (None, "null")])
+def test_compile_is_auto_true_or_false(value, shown):
+    assert dict_error({"train": {"compile": value}}) == f"train.compile: must be auto, true or false (got {shown})"
+    for good in ("auto", True, False):
+        assert Spec.from_dict({"train": {"compile": good}}).train.compile == good
+
+
 def test_unknown_key_without_close_match_lists_valid_keys(tmp_path):
     path = write(tmp_path, "train:\n  zzz: 1\n")
     message = spec_error(path)
     assert message.startswith(f"{path}: train.zzz: unknown key (valid: max_epochs, batch_size, lr,")
-    assert "seed, precision)" in message
+    assert "seed, precision, compile)" in message
 
 
 def test_suggestions_follow_the_model_type(tmp_path):
@@ -565,6 +574,7 @@ def test_list_item_error_names_index():
         ("train", "kl_warmup_epochs", -1, "must be at least 0 (got -1)", 0),
         ("train", "early_stopping_patience", 0, "must be at least 1 (got 0)", 1),
         ("train", "early_stopping_min_delta", -0.5, "must be at least 0 (got -0.5)", 0),
+        ("train", "validation_every_n_epochs", 0, "must be at least 1 (got 0)", 5),
         ("train", "seed", -1, "must be at least 0 (got -1)", 2**32 - 1),
         ("train", "seed", 2**32, "must be at most 4294967295 (got 4294967296)", 123456789),
     ],
@@ -635,6 +645,11 @@ def test_long_values_are_cut_short():
             {"train": {"early_stopping": True, "train_size": 1.0}},
             "train.early_stopping: needs a validation set, but train.train_size is 1.0;"
             " set it below 1",
+        ),
+        (
+            {"train": {"early_stopping": True, "validation_every_n_epochs": None}},
+            "train.validation_every_n_epochs: must be 1 with train.early_stopping"
+            " (it watches the validation ELBO every epoch), not null",
         ),
         (
             {

@@ -17,10 +17,10 @@ def info(
     """Print the spec, genes, categories, training facts and last metrics of a checkpoint."""
     import yaml
 
-    from scvi_cli.checkpoint import load_checkpoint
+    from scvi_cli.checkpoint import final_metrics, load_checkpoint
 
     checkpoint = load_checkpoint(model)
-    final = {name: values[-1] for name, values in checkpoint.history.items() if values}
+    final = final_metrics(checkpoint.history)
     summary = {
         "checkpoint": str(model),
         "model_type": checkpoint.model_type,

@@ -11,7 +11,9 @@ forward with an analytic backward.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -303,6 +305,13 @@ def _fused_nb_forward(
         inv_te_nz = torch.reciprocal(theta_nz + eps)
         digamma_theta_nz = _digamma(theta_nz) if need_theta else None
 
+    if _COMPILE["enabled"]:
+        try:
+            return _compiled_forward(x, idx, x_nz, rows, csr, loc, theta, pi_logits, theta_nz, lgamma_theta_nz,
+                                     digamma_theta_nz, loc_is_log, need_loc, need_theta, need_pi, eps)
+        except _BuildFailed:  # warned; the eager passes below, from here on
+            pass
+
     # ---- nonzero part of log p: x (log mu - log(theta + mu + eps)) + lgammas [- softplus(b)] ----
     loc_nz = loc.view(-1).index_select(0, idx)
     if loc_is_log:
@@ -342,6 +351,120 @@ def _fused_nb_forward(
             correction = x_nz * (q_nz * inv_te_nz - torch.reciprocal(loc_nz + eps))
         d_loc.view(-1).index_add_(0, idx, correction)
     return nll, d_loc, d_theta, d_pi
+
+
+# ---- the compiled path -------------------------------------------------------------------------
+# torch.compile (Inductor) turns a chain of elementwise passes into one C++ loop, so there the
+# cheapest schedule differs from the eager one: the counts go in dense, every term linear in x is
+# computed on all entries in the same loop (a zero count contributes 0), and only lgamma / digamma,
+# which have no vector kernel, stay on the nonzero counts. On a 2-core CPU (medians, alternating
+# with the eager passes) the NLL's forward and backward take 2.66 instead of 3.30 ms at
+# 128 x 2000, 17.2 instead of 25.3 at 1024 x 2000 and 9.6 instead of 12.6 at 128 x 9015.
+# Off outside `compiled_likelihood()`: the build takes seconds (cached on disk afterwards), so
+# training turns it on for runs long enough to repay it (train.compile, training/job.py).
+_COMPILE: dict = {"enabled": False, "kernels": {}, "failed": None}
+
+
+@contextlib.contextmanager
+def compiled_likelihood(enabled: bool = True):
+    """Within the block, fused NLLs go through the compiled kernel (or, with False, the eager
+    passes). The kernel is built at the first call per input rank, dtype and set of gradients;
+    where a build fails (no C++ compiler, say) a warning says why and the eager passes take over
+    for the rest of the process."""
+    previous = _COMPILE["enabled"]
+    _COMPILE["enabled"] = bool(enabled) and _COMPILE["failed"] is None
+    try:
+        yield
+    finally:
+        _COMPILE["enabled"] = previous
+
+
+def likelihood_compile_failure() -> str | None:
+    """Why the kernel could not be built in this process, or None."""
+    return _COMPILE["failed"]
+
+
+def _count_terms(x, loc, theta, inv_te, log_te, pi_logits, loc_is_log: bool, need_loc: bool, need_theta: bool, need_pi: bool):
+    """log p summed over genes but for its lgamma terms, and the NLL's local derivatives but for
+    theta's digamma terms, from dense counts ``x`` (notation above ``_flat_source``)."""
+    zinb = pi_logits is not None
+    counted = x != 0
+    u = (loc.exp() if loc_is_log else loc) * inv_te
+    l1 = torch.log1p(u)
+    log_mu = loc if loc_is_log else torch.log(loc + EPS)
+    ll = torch.where(counted, x * (log_mu - log_te - l1), 0.0) - theta * l1
+    if zinb:
+        b = pi_logits + theta * l1
+        ll = ll - F.softplus(pi_logits) + torch.where(counted, 0.0, F.softplus(b))
+    rows = ll.sum(-1)
+    if not (need_loc or need_theta or need_pi):
+        return rows, None, None, None
+    q = torch.reciprocal(u + 1)
+    one_minus_q = u * q
+    sig_b = torch.where(counted, 0.0, torch.sigmoid(b)) if zinb else None
+    w = 1 - sig_b if zinb else 1.0  # the zero-count weight; 1 at nonzero counts and for NB
+    d_loc = d_theta = d_pi = None
+    if need_loc:
+        if loc_is_log:
+            d_loc = w * theta * one_minus_q - x * q
+        else:
+            d_loc = w * theta * inv_te * q - x * (torch.reciprocal(loc + EPS) - q * inv_te)
+    if need_theta:
+        d_theta = w * (l1 - theta * inv_te * one_minus_q) + x * q * inv_te
+    if need_pi:
+        d_pi = torch.sigmoid(pi_logits) - sig_b
+    return rows, d_loc, d_theta, d_pi
+
+
+def _gamma_terms(x_nz, theta_nz, lgamma_theta_nz, digamma_theta_nz):
+    """At the nonzero counts: lgamma(x + theta) - lgamma(theta) - lgamma(x + 1), and (with
+    ``digamma_theta_nz``) minus digamma(x + theta) - digamma(theta), theta's NLL derivative there."""
+    x_plus_theta = x_nz + theta_nz
+    values = torch.lgamma(x_plus_theta) - lgamma_theta_nz - torch.lgamma(x_nz + 1)
+    return values, None if digamma_theta_nz is None else digamma_theta_nz - _digamma(x_plus_theta)
+
+
+class _BuildFailed(Exception):
+    """A kernel could not be built (warned once): the caller takes the eager passes."""
+
+
+def _kernel(function):
+    """``function`` compiled; a failed build (any exception from the compiled call: no C++
+    compiler, an unsupported platform) is warned about and raised as _BuildFailed."""
+    if function not in _COMPILE["kernels"]:
+        compiled = torch.compile(function, dynamic=True, fullgraph=True)
+
+        def kernel(*args):
+            try:
+                return compiled(*args)
+            except Exception as error:  # noqa: BLE001 - whatever stops the build, the eager passes
+                reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                _COMPILE["enabled"], _COMPILE["failed"] = False, reason
+                warnings.warn(f"the likelihood kernel could not be compiled ({reason}); using eager passes", stacklevel=4)
+                raise _BuildFailed(reason) from error
+
+        _COMPILE["kernels"][function] = kernel
+    return _COMPILE["kernels"][function]
+
+
+def _compiled_forward(x, idx, x_nz, rows, csr, loc, theta, pi_logits, theta_nz, lgamma_theta_nz, digamma_theta_nz,
+                      loc_is_log, need_loc, need_theta, need_pi, eps):
+    """``_fused_nb_forward`` from the nonzero counts on: the compiled kernel for everything but
+    the lgamma / digamma terms, which run on the nonzero counts."""
+    shape = loc.shape
+    if isinstance(x, SparseRows) or x.shape != shape:  # the counts dense, in the kernel's shape
+        x = loc.new_zeros(loc.numel()).index_put_((idx,), x_nz).view(shape)
+    theta_plus = theta + eps
+    ll, d_loc, d_theta, d_pi = _kernel(_count_terms)(
+        x, loc, theta, torch.reciprocal(theta_plus), torch.log(theta_plus), pi_logits, loc_is_log, need_loc, need_theta, need_pi
+    )
+    values, d_theta_nz = _kernel(_gamma_terms)(x_nz, theta_nz, lgamma_theta_nz, digamma_theta_nz if need_theta else None)
+    ll = ll.reshape(-1)
+    ll = ll.add(csr.sum_rows(values)) if csr is not None else ll.index_add(0, rows, values)
+    if d_theta is not None:
+        d_theta = d_theta.contiguous()
+        d_theta.view(-1).index_add_(0, idx, d_theta_nz)
+    return ll.view(shape[:-1]).neg_(), d_loc, d_theta, d_pi
 
 
 def _reduce_grad(local: torch.Tensor, g: torch.Tensor, target_shape: torch.Size) -> torch.Tensor:

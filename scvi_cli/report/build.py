@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from scvi_cli.checkpoint import final_metrics
 from scvi_cli.errors import UsageError
 from scvi_cli.report import figures, umap_available
 
@@ -48,13 +49,15 @@ def training_warnings(checkpoint) -> list[str]:
             f"epochs ran against a KL warm-up of {warmup} ({cause}), so the latent is regularised less than the "
             "ELBO assumes; set train.max_epochs at or above train.kl_warmup_epochs, or lower the warm-up."
         )
-    validation = history.get("elbo_validation", [])
-    if len(validation) >= 10:  # a sustained rise, not one noisy epoch: the last 5 epochs' mean
+    validation = np.asarray(history.get("elbo_validation", []), dtype=float)
+    measured = np.flatnonzero(np.isfinite(validation))  # epochs with a validation pass
+    validation = validation[measured]
+    if len(validation) >= 10:  # a sustained rise, not one noisy pass: the last 5 passes' mean
         best, tail = int(np.argmin(validation)), float(np.mean(validation[-5:]))
         if best < len(validation) - 5 and tail > validation[best] * 1.01:
             warnings.append(
-                f"The validation negative ELBO was lowest at epoch {best} ({validation[best]:.2f}); its mean over "
-                f"the last 5 epochs is {tail - validation[best]:.2f} higher: the model may overfit (train.early_stopping)."
+                f"The validation negative ELBO was lowest at epoch {measured[best]} ({validation[best]:.2f}); its mean over "
+                f"the last 5 validation passes is {tail - validation[best]:.2f} higher: the model may overfit (train.early_stopping)."
             )
     if training.get("stopped_early"):
         warnings.append(f"Early stopping ended training at epoch {training.get('epochs_run')}; the weights are those of epoch {training.get('best_epoch')}.")
@@ -87,7 +90,7 @@ def model_card(path: Path, checkpoint) -> list[tuple[str, str]]:
         if isinstance(mapping, dict):
             new = "; ".join(f"{k}: {', '.join(v)}" for k, v in mapping.get("new_categories", {}).items()) or "none"
             rows.append(("mapped onto", f"{mapping.get('reference')} (sha256 {str(mapping.get('reference_sha256'))[:16]}...), new categories {new}"))
-    final = {k: v[-1] for k, v in checkpoint.history.items() if v}
+    final = final_metrics(checkpoint.history)
     if final:
         rows.append(("last epoch", ", ".join(f"{k} {v:.4g}" for k, v in final.items() if k != "seconds")))
     rows.append(("versions", ", ".join(f"{k} {v}" for k, v in checkpoint.versions.items())))

@@ -39,12 +39,14 @@ def training_curves(history: dict[str, list[float]]) -> bytes:
               ("kl_local", "KL(q(z|x) || p(z)) per cell")]
     for ax, (name, title) in zip(axes, panels):
         for split, style in (("train", "-"), ("validation", "--")):
-            values = history.get(f"{name}_{split}")
-            if values:
-                ax.plot(np.arange(len(values)), values, style, label=split)
+            values = np.asarray(history.get(f"{name}_{split}", []), dtype=float)
+            measured = np.flatnonzero(np.isfinite(values))  # validation may run every n epochs only
+            if len(measured):
+                ax.plot(measured, values[measured], style, marker="." if len(measured) < len(values) else None, label=split)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")
-        ax.legend(fontsize=8)
+        if ax.get_lines():  # a history without this metric leaves the panel empty
+            ax.legend(fontsize=8)
     weight = history.get("kl_weight", [])
     axes[3].plot(np.arange(len(weight)), weight, color="tab:green")
     axes[3].set_ylim(-0.02, 1.05)

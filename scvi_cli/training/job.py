@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +19,13 @@ import numpy as np
 import torch
 
 from scvi_cli.atomic import check_writable, refuse_input_as_output
-from scvi_cli.checkpoint import Checkpoint, current_versions, load_checkpoint, save_checkpoint, write_history_csv
+from scvi_cli.checkpoint import Checkpoint, current_versions, final_metrics, load_checkpoint, save_checkpoint, write_history_csv
 from scvi_cli.data import CountData, CSRMinibatches, DeviceCSRMinibatches, load_count_data, train_validation_split
 from scvi_cli.data.counts import counts_digest
 from scvi_cli.device import count_layout, limit_threads, resolve_device, retain_memory_for_minibatches
 from scvi_cli.errors import DataError, UsageError
 from scvi_cli.model_factory import build_model, model_kwargs
+from scvi_cli.nn.likelihoods import likelihood_compile_failure
 from scvi_cli.training.preemption import TrainingStopped, stop_on_signals
 from scvi_cli.progress import SilentReporter
 from scvi_cli.spec import Spec, resolved_max_epochs, resolved_train_size
@@ -39,7 +41,7 @@ class TrainResult:
     training: dict
 
     def final_metrics(self) -> dict[str, float]:
-        return {name: values[-1] for name, values in self.history.items() if values}
+        return final_metrics(self.history)
 
 
 def history_path_for(checkpoint_path: str | Path) -> Path:
@@ -99,10 +101,30 @@ def minibatch_sources(data: CountData, train_idx, validation_idx, batch_size: in
     return train, validation
 
 
-def train_settings(spec: Spec, n_cells: int) -> TrainSettings:
+# `train.compile: auto` builds the likelihood kernel when a run evaluates at least this many
+# cell x gene entries (epochs x training cells x genes). It saves about 5 ns per entry on a 2-core
+# CPU (1.2 ms of a 128 x 2000 step), and its build takes 2-10 s: 5e9 entries repay a cold build
+# about three times. (400 epochs of 18k x 2k cells are 1.4e10; 30 epochs of pbmc4k 2.2e8.)
+AUTO_COMPILE_MIN_ENTRIES = 5e9
+
+
+def compile_likelihood_for(choice, device: torch.device, planned_entries: float) -> bool:
+    """``train.compile`` resolved: true / false as given; auto on the CPU, with a C++ compiler
+    on the PATH (Inductor's), for runs of at least AUTO_COMPILE_MIN_ENTRIES entries."""
+    if choice != "auto":
+        return bool(choice)
+    import shutil
+
+    compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("clang++")
+    return torch.device(device).type == "cpu" and compiler is not None and planned_entries >= AUTO_COMPILE_MIN_ENTRIES
+
+
+def train_settings(spec: Spec, n_cells: int, *, n_genes: int, device: torch.device | str = "cpu") -> TrainSettings:
     train = spec.train
+    max_epochs = resolved_max_epochs(spec, n_cells)
+    planned_entries = max_epochs * n_cells * resolved_train_size(spec) * n_genes
     return TrainSettings(
-        max_epochs=resolved_max_epochs(spec, n_cells),
+        max_epochs=max_epochs,
         lr=train.lr,
         eps=train.eps,
         weight_decay=train.weight_decay,
@@ -110,6 +132,8 @@ def train_settings(spec: Spec, n_cells: int) -> TrainSettings:
         early_stopping=train.early_stopping,
         early_stopping_patience=train.early_stopping_patience,
         early_stopping_min_delta=train.early_stopping_min_delta,
+        validation_every_n_epochs=train.validation_every_n_epochs,
+        compile=compile_likelihood_for(train.compile, torch.device(device), planned_entries),
         precision=train.precision,
     )
 
@@ -261,7 +285,7 @@ def _train(
     if setup.identity():
         fingerprint = hashlib.sha256((fingerprint + json.dumps(setup.identity(), sort_keys=True)).encode()).hexdigest()
     seed = spec.train.seed
-    settings = train_settings(spec, data.n_cells)
+    settings = train_settings(spec, data.n_cells, n_genes=data.n_genes, device=torch_device)
     train_idx, validation_idx = train_validation_split(
         data.n_cells, resolved_train_size(spec), spec.train.batch_size, seed
     )
@@ -316,6 +340,7 @@ def _train(
     reporter.message(
         f"{spec.model.type}: {data.n_cells} cells x {data.n_genes} genes, {data.n_batch} batch(es), "
         f"{len(train_idx)} train / {len(validation_idx)} validation cells, {settings.max_epochs} epochs on {torch_device}"
+        + (" (likelihood compiled: its first steps build the kernel)" if settings.compile else "")
     )
 
     def facts(state: TrainingState, started: float) -> dict:
@@ -330,6 +355,7 @@ def _train(
             "seed": seed,
             "device": str(torch_device),
             "threads": torch.get_num_threads(),
+            "compiled_likelihood": settings.compile and likelihood_compile_failure() is None,
             "seconds": round(state.seconds, 3),
             "wall_seconds_this_run": round(time.perf_counter() - started, 3),
             "source": str(data_path),

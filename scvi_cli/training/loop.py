@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from scvi_cli.data.minibatch import Minibatch, MinibatchSource
+from scvi_cli.nn.likelihoods import compiled_likelihood
 from scvi_cli.nn.sparse_input import is_column_major
 from scvi_cli.training import distributed
 from scvi_cli.models.outputs import LossOutput
@@ -36,6 +37,8 @@ class TrainSettings:
     early_stopping: bool = False
     early_stopping_patience: int = 45
     early_stopping_min_delta: float = 0.0
+    validation_every_n_epochs: int | None = 1  # and at the last epoch; None: never
+    compile: bool = False  # the fused likelihood through its compiled kernel (nn/likelihoods.py)
     precision: str = "32"  # "32", "tf32" (CUDA matmuls in TF32) or "bf16-mixed" (bf16 autocast)
 
 
@@ -317,56 +320,59 @@ def fit(
     # ranks agree on stopping at every step.
     parallel_step = distributed.data_parallel(model, torch.device(device)) if distributed.active() else None
     state.interrupted = False
-    while state.epoch < settings.max_epochs and not state.stopped_early:
-        started = time.perf_counter()
-        weight = kl_weight(state.epoch, settings.kl_warmup_epochs)
-        model.train()
-        train_batches.set_epoch(state.epoch)
-        sums = _MetricSums(state.partial_sums)
-        # After an interruption, replay the epoch's (seeded) order and skip the steps already taken.
-        for step, batch in enumerate(train_batches):
-            if step < state.step_in_epoch:
-                continue
-            with arithmetic(settings.precision, device):
-                batch = batch.to(device)
-                out = parallel_step(batch, weight) if parallel_step is not None else model.loss_for(batch, kl_weight=weight)
-                optimizer.zero_grad(set_to_none=True)
-                out.loss.backward()
-                optimizer.step()
-            sums.add(out)
-            stop = should_stop is not None and should_stop()
-            if distributed.any_rank(stop, device):
-                state.step_in_epoch, state.partial_sums = step + 1, sums.to_dict()
-                state.optimizer_state = optimizer.state_dict()
-                state.seconds += time.perf_counter() - started
-                state.interrupted = True
-                return state
-        state.step_in_epoch, state.partial_sums = 0, None
+    with compiled_likelihood(settings.compile):  # restored on leaving, interrupted or not
+        while state.epoch < settings.max_epochs and not state.stopped_early:
+            started = time.perf_counter()
+            weight = kl_weight(state.epoch, settings.kl_warmup_epochs)
+            model.train()
+            train_batches.set_epoch(state.epoch)
+            sums = _MetricSums(state.partial_sums)
+            # After an interruption, replay the epoch's (seeded) order and skip the steps already taken.
+            for step, batch in enumerate(train_batches):
+                if step < state.step_in_epoch:
+                    continue
+                with arithmetic(settings.precision, device):
+                    batch = batch.to(device)
+                    out = parallel_step(batch, weight) if parallel_step is not None else model.loss_for(batch, kl_weight=weight)
+                    optimizer.zero_grad(set_to_none=True)
+                    out.loss.backward()
+                    optimizer.step()
+                sums.add(out)
+                stop = should_stop is not None and should_stop()
+                if distributed.any_rank(stop, device):
+                    state.step_in_epoch, state.partial_sums = step + 1, sums.to_dict()
+                    state.optimizer_state = optimizer.state_dict()
+                    state.seconds += time.perf_counter() - started
+                    state.interrupted = True
+                    return state
+            state.step_in_epoch, state.partial_sums = 0, None
 
-        metrics = {f"{name}_train": value for name, value in sums.averages().items()}
-        metrics["kl_weight"] = weight
-        # every rank asks (a rank whose share of validation cells is empty still takes part)
-        if distributed.any_rank(validation_batches is not None and len(validation_batches) > 0, device):
-            validation = evaluate_elbo(model, validation_batches or [], device)
-            metrics.update({f"{name}_validation": value for name, value in validation.items()})
-        state.seconds += time.perf_counter() - started
-        metrics["seconds"] = time.perf_counter() - started
-        _append(state.history, state.epoch, metrics)
+            metrics = {f"{name}_train": value for name, value in sums.averages().items()}
+            metrics["kl_weight"] = weight
+            # every rank asks (a rank whose share of validation cells is empty still takes part)
+            if validates(state.epoch, settings) and distributed.any_rank(
+                validation_batches is not None and len(validation_batches) > 0, device
+            ):
+                validation = evaluate_elbo(model, validation_batches or [], device)
+                metrics.update({f"{name}_validation": value for name, value in validation.items()})
+            state.seconds += time.perf_counter() - started
+            metrics["seconds"] = time.perf_counter() - started
+            _append(state.history, state.epoch, metrics)
 
-        if monitor and "elbo_validation" in metrics:
-            current = metrics["elbo_validation"]
-            if current < state.best_elbo - settings.early_stopping_min_delta:
-                state.best_elbo, state.best_epoch = current, state.epoch
-                state.best_state_dict = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
-                state.epochs_without_improvement = 0
-            else:
-                state.epochs_without_improvement += 1
-                if state.epochs_without_improvement >= settings.early_stopping_patience:
-                    state.stopped_early = True
-        state.epoch += 1
-        state.optimizer_state = optimizer.state_dict()
-        if on_epoch_end is not None:
-            on_epoch_end(state, metrics)
+            if monitor and "elbo_validation" in metrics:
+                current = metrics["elbo_validation"]
+                if current < state.best_elbo - settings.early_stopping_min_delta:
+                    state.best_elbo, state.best_epoch = current, state.epoch
+                    state.best_state_dict = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+                    state.epochs_without_improvement = 0
+                else:
+                    state.epochs_without_improvement += 1
+                    if state.epochs_without_improvement >= settings.early_stopping_patience:
+                        state.stopped_early = True
+            state.epoch += 1
+            state.optimizer_state = optimizer.state_dict()
+            if on_epoch_end is not None:
+                on_epoch_end(state, metrics)
 
     if monitor and state.best_state_dict is not None:
         model.load_state_dict(state.best_state_dict)
@@ -374,7 +380,18 @@ def fit(
     return state
 
 
+def validates(epoch: int, settings: TrainSettings) -> bool:
+    """Whether epoch ``epoch`` (from 0) ends with a validation pass: every
+    ``validation_every_n_epochs``-th epoch and the last one, so that a run's final metrics hold it."""
+    every = settings.validation_every_n_epochs
+    return every is not None and ((epoch + 1) % every == 0 or epoch + 1 == settings.max_epochs)
+
+
 def _append(history: dict[str, list[float]], epoch: int, metrics: dict[str, float]) -> None:
-    """Row ``epoch`` of the history (epochs run contiguously from 0, so the row index is the epoch)."""
+    """Row ``epoch`` of the history (epochs run contiguously from 0, so the row index is the epoch);
+    a metric an epoch did not measure (validation between two passes) is NaN there."""
+    for name, values in history.items():
+        if name not in metrics:
+            values.append(math.nan)
     for name, value in metrics.items():
-        history.setdefault(name, []).append(float(value))
+        history.setdefault(name, [math.nan] * epoch).append(float(value))
