@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,10 +103,11 @@ def minibatch_sources(data: CountData, train_idx, validation_idx, batch_size: in
 
 
 # `train.compile: auto` builds the likelihood kernel when a run evaluates at least this many
-# cell x gene entries (epochs x training cells x genes). It saves about 5 ns per entry on a 2-core
-# CPU (1.2 ms of a 128 x 2000 step), and its build takes 2-10 s: 5e9 entries repay a cold build
-# about three times. (400 epochs of 18k x 2k cells are 1.4e10; 30 epochs of pbmc4k 2.2e8.)
-AUTO_COMPILE_MIN_ENTRIES = 5e9
+# cell x gene entries (epochs x training cells x genes). On a 2-core CPU the kernel saves 2.5-4 ns
+# per entry (0.64 of 3.30 ms at 128 x 2000, 8 of 25 ms at 1024 x 2000) and its build takes 4.5-10 s:
+# 1e10 entries repay a build about three times at the smallest saving. (400 epochs of 18k x 2k
+# cells are 1.4e10, 80 of 90k x 9k 6.5e10; 30 epochs of pbmc4k 2.2e8.)
+AUTO_COMPILE_MIN_ENTRIES = 1e10
 
 
 def compile_likelihood_for(choice, device: torch.device, planned_entries: float) -> bool:
@@ -113,8 +115,6 @@ def compile_likelihood_for(choice, device: torch.device, planned_entries: float)
     on the PATH (Inductor's), for runs of at least AUTO_COMPILE_MIN_ENTRIES entries."""
     if choice != "auto":
         return bool(choice)
-    import shutil
-
     compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("clang++")
     return torch.device(device).type == "cpu" and compiler is not None and planned_entries >= AUTO_COMPILE_MIN_ENTRIES
 
