@@ -236,9 +236,13 @@ def load_checkpoint(path: str | os.PathLike, expected_type: str | Collection[str
 
 
 def final_metrics(history: dict[str, list[float]]) -> dict[str, float]:
-    """Each metric's value at the last epoch, leaving out those that epoch did not measure (NaN:
-    validation of an interrupted run whose last completed epoch had no validation pass)."""
-    return {name: values[-1] for name, values in history.items() if values and not math.isnan(values[-1])}
+    """Each metric's value at the last epoch, leaving out validation metrics that epoch did not
+    measure (NaN: an interrupted run whose last completed epoch had no validation pass). Any
+    other NaN is kept: it is a diverged run's."""
+    return {
+        name: values[-1] for name, values in history.items()
+        if values and not (name.endswith("_validation") and math.isnan(values[-1]))
+    }
 
 
 def write_history_csv(path: str | os.PathLike, history: dict[str, list[float]]) -> None:

@@ -322,6 +322,14 @@ def test_disk_errors_become_output_errors(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+def test_final_metrics_leave_out_only_validation_not_measured():
+    from scvi_cli.checkpoint import final_metrics
+
+    nan = float("nan")
+    final = final_metrics({"elbo_train": [3.0, nan], "elbo_validation": [4.0, nan], "kl_weight": [0.5, 1.0], "empty": []})
+    assert set(final) == {"elbo_train", "kl_weight"} and np.isnan(final["elbo_train"]) and final["kl_weight"] == 1.0
+
+
 def test_history_csv(tmp_path):
     history = {"elbo_train": [3.5, 2.25, 1.125], "reconstruction_loss_train": [3.0, 2.0, 1.0], "elbo_validation": [4.0, 3.0]}
     path = tmp_path / "history.csv"

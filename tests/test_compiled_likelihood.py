@@ -91,16 +91,21 @@ def test_compiled_float64_per_cell_theta_and_monte_carlo_draws(compiled):
     torch.testing.assert_close(value, plain_nll(x, mu3, theta, pi3), rtol=1e-10, atol=1e-8)
 
 
-def test_a_failed_build_warns_once_and_falls_back_to_the_same_math(monkeypatch, fresh_kernels):
-    x, mu, theta, pi = realistic(cells=8, genes=40, seed=2, dtype=torch.float64)
+def compile_raising(error: Exception):
+    """A stand-in for torch.compile whose compiled functions raise ``error`` when called."""
 
-    def no_compiler(function, **options):
+    def fake_compile(function, **options):
         def build_fails(*args):
-            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
+            raise error
 
         return build_fails
 
-    monkeypatch.setattr(torch, "compile", no_compiler)
+    return fake_compile
+
+
+def test_a_failed_build_warns_once_and_falls_back_to_the_same_math(monkeypatch, fresh_kernels):
+    x, mu, theta, pi = realistic(cells=8, genes=40, seed=2, dtype=torch.float64)
+    monkeypatch.setattr(torch, "compile", compile_raising(RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")))
     want = value_and_grads(lambda x_, *p: fused(x_, *p, log=True), x, mu.log(), theta, pi)
     with compiled_likelihood(True), pytest.warns(UserWarning, match=r"could not be compiled \(InvalidCxxCompiler: No working C\+\+ compiler found\); using eager") as caught:
         got = value_and_grads(lambda x_, *p: fused(x_, *p, log=True), x, mu.log(), theta, pi)
@@ -111,6 +116,45 @@ def test_a_failed_build_warns_once_and_falls_back_to_the_same_math(monkeypatch, 
     assert likelihood_compile_failure() == "InvalidCxxCompiler: No working C++ compiler found"
     with compiled_likelihood(True):  # not retried in this process
         assert not likelihoods._COMPILE["enabled"]
+
+
+def test_a_failure_inside_a_nested_block_stays_failed_outside_it(monkeypatch, fresh_kernels):
+    x, mu, theta, pi = realistic(cells=4, genes=20, seed=3, dtype=torch.float64)
+    monkeypatch.setattr(torch, "compile", compile_raising(RuntimeError("no compiler")))
+    with compiled_likelihood(True):
+        with compiled_likelihood(True), pytest.warns(UserWarning, match="could not be compiled"):
+            fused(x, mu.log(), theta, pi, log=True)
+        assert not likelihoods._COMPILE["enabled"]
+
+
+def test_the_recompile_limit_sends_one_kind_of_input_to_eager_and_keeps_compiling(monkeypatch, fresh_kernels):
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+
+    x, mu, theta, pi = realistic(cells=6, genes=30, seed=4, dtype=torch.float64)
+    monkeypatch.setattr(torch, "compile", compile_raising(FailOnRecompileLimitHit("Hard failure due to fullgraph=True")))
+    monkeypatch.setitem(likelihoods._COMPILE, "limit_warned", False)
+    want = value_and_grads(lambda x_, *p: fused(x_, *p, log=True), x, mu.log(), theta, pi)
+    with compiled_likelihood(True), pytest.warns(UserWarning, match="recompile limit") as caught:
+        got = value_and_grads(lambda x_, *p: fused(x_, *p, log=True), x, mu.log(), theta, pi)
+        value_and_grads(lambda x_, *p: fused(x_, *p, log=True), x, mu.log(), theta, pi)
+        assert likelihoods._COMPILE["enabled"]  # the kernels already built would stay in use
+    assert len(caught) == 1 and likelihood_compile_failure() is None
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+@needs_compiler
+def test_counts_of_another_dtype_broadcast_over_draws(compiled):
+    """Counts given as float16 (or integers) against float32 draws: mu's dtype in both paths."""
+    x, mu, theta, pi = realistic(cells=8, genes=50, seed=6)
+    mu3 = torch.stack([mu, mu * 0.5])
+    with compiled_likelihood(False):
+        want = value_and_grads(lambda _, *a: fused(x, *a, log=True), None, mu3.log(), theta, pi)
+    for counts in (x.half(), x.long()):
+        got = value_and_grads(lambda _, *a: fused(counts, *a, log=True), None, mu3.log(), theta, pi)
+        assert got[0].dtype == torch.float32
+        for g, w in zip(got, want):
+            assert scaled_error(g, w) < 2e-5  # float32 rounding of two schedules
 
 
 def test_auto_compiles_long_cpu_runs_with_a_compiler(monkeypatch):
@@ -136,6 +180,7 @@ def test_train_compile_true_is_deterministic_and_close_to_eager(tmp_path, pbmc_s
         assert code == 0, err
         runs[name] = load_checkpoint(tmp_path / f"{name}.ckpt")
     assert runs["compiled"].training["compiled_likelihood"] is True, likelihood_compile_failure()
+    assert set(likelihoods._COMPILE["kernels"]) == {likelihoods._count_terms, likelihoods._gamma_terms}  # built and used
     assert runs["eager"].training["compiled_likelihood"] is False
     for key, value in runs["compiled"].state_dict.items():
         assert torch.equal(value, runs["again"].state_dict[key]), key

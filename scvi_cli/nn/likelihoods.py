@@ -362,7 +362,7 @@ def _fused_nb_forward(
 # 128 x 2000, 17.2 instead of 25.3 at 1024 x 2000 and 9.6 instead of 12.6 at 128 x 9015.
 # Off outside `compiled_likelihood()`: the build takes seconds (cached on disk afterwards), so
 # training turns it on for runs long enough to repay it (train.compile, training/job.py).
-_COMPILE: dict = {"enabled": False, "kernels": {}, "failed": None}
+_COMPILE: dict = {"enabled": False, "kernels": {}, "failed": None, "limit_warned": False}
 
 
 @contextlib.contextmanager
@@ -375,8 +375,8 @@ def compiled_likelihood(enabled: bool = True):
     _COMPILE["enabled"] = bool(enabled) and _COMPILE["failed"] is None
     try:
         yield
-    finally:
-        _COMPILE["enabled"] = previous
+    finally:  # a build that failed inside the block stays failed outside it
+        _COMPILE["enabled"] = previous and _COMPILE["failed"] is None
 
 
 def likelihood_compile_failure() -> str | None:
@@ -424,6 +424,11 @@ def _gamma_terms(x_nz, theta_nz, lgamma_theta_nz, digamma_theta_nz):
     return values, None if digamma_theta_nz is None else digamma_theta_nz - _digamma(x_plus_theta)
 
 
+def _recompile_limit_hit(error: BaseException) -> bool:
+    limit = getattr(getattr(getattr(torch, "_dynamo", None), "exc", None), "FailOnRecompileLimitHit", None)
+    return limit is not None and isinstance(error, limit)
+
+
 class _BuildFailed(Exception):
     """A kernel could not be built (warned once): the caller takes the eager passes."""
 
@@ -438,6 +443,15 @@ def _kernel(function):
             try:
                 return compiled(*args)
             except Exception as error:  # noqa: BLE001 - whatever stops the build, the eager passes
+                if _recompile_limit_hit(error):
+                    # one variant too many for torch.compile's cache (a long-lived process that
+                    # evaluates many dtypes, ranks or likelihoods): the eager passes for that
+                    # variant only; the kernels already built stay in use
+                    if not _COMPILE["limit_warned"]:
+                        _COMPILE["limit_warned"] = True
+                        warnings.warn("the likelihood kernel reached torch.compile's recompile limit; "
+                                      "inputs of further kinds use the eager passes", stacklevel=4)
+                    raise _BuildFailed("recompile limit") from error
                 reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
                 _COMPILE["enabled"], _COMPILE["failed"] = False, reason
                 warnings.warn(f"the likelihood kernel could not be compiled ({reason}); using eager passes", stacklevel=4)
@@ -545,7 +559,7 @@ def fused_nb_nll(
         if x.shape != tuple(loc.shape[-2:]):
             raise ValueError(f"x {x.shape} (CSR rows) must match the last two axes of mu {tuple(loc.shape)}")
         x = x.to(dtype=loc.dtype)
-    elif not x.is_floating_point():
+    elif x.dtype != loc.dtype:  # counts as integers or another float type: mu's dtype (float32 is exact to 2^24)
         x = x.to(loc.dtype)
     inputs = (loc, theta) if pi_logits is None else (loc, theta, pi_logits)
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):

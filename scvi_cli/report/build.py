@@ -50,7 +50,7 @@ def training_warnings(checkpoint) -> list[str]:
             "ELBO assumes; set train.max_epochs at or above train.kl_warmup_epochs, or lower the warm-up."
         )
     validation = np.asarray(history.get("elbo_validation", []), dtype=float)
-    measured = np.flatnonzero(np.isfinite(validation))  # epochs with a validation pass
+    measured = np.flatnonzero(~np.isnan(validation))  # epochs with a validation pass
     validation = validation[measured]
     if len(validation) >= 10:  # a sustained rise, not one noisy pass: the last 5 passes' mean
         best, tail = int(np.argmin(validation)), float(np.mean(validation[-5:]))

@@ -40,7 +40,8 @@ def training_curves(history: dict[str, list[float]]) -> bytes:
     for ax, (name, title) in zip(axes, panels):
         for split, style in (("train", "-"), ("validation", "--")):
             values = np.asarray(history.get(f"{name}_{split}", []), dtype=float)
-            measured = np.flatnonzero(np.isfinite(values))  # validation may run every n epochs only
+            # validation may run every n epochs only (NaN between); a NaN of training is a gap
+            measured = np.flatnonzero(~np.isnan(values)) if split == "validation" else np.arange(len(values))
             if len(measured):
                 ax.plot(measured, values[measured], style, marker="." if len(measured) < len(values) else None, label=split)
         ax.set_title(title, fontsize=10)
