@@ -278,7 +278,7 @@ def _check_consistency(spec: Spec) -> None:
         raise _Problem(
             "train.validation_every_n_epochs",
             f"must be 1 with train.early_stopping (it watches the validation ELBO every epoch), not "
-            f"{'null' if train.validation_every_n_epochs is None else train.validation_every_n_epochs}",
+            f"{_show(train.validation_every_n_epochs)}",
         )
 
 

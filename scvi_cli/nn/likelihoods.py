@@ -267,6 +267,14 @@ def _digamma(y: torch.Tensor) -> torch.Tensor:
     return torch.log(z).sub_(inv, alpha=0.5).sub_(series).sub_(near)
 
 
+def _gamma_terms(x_nz, theta_nz, lgamma_theta_nz, digamma_theta_nz):
+    """At the nonzero counts: lgamma(x + theta) - lgamma(theta) - lgamma(x + 1), and (with
+    ``digamma_theta_nz``) minus digamma(x + theta) - digamma(theta), theta's NLL derivative there."""
+    x_plus_theta = x_nz + theta_nz
+    values = torch.lgamma(x_plus_theta) - lgamma_theta_nz - torch.lgamma(x_nz + 1)
+    return values, None if digamma_theta_nz is None else digamma_theta_nz - _digamma(x_plus_theta)
+
+
 def _fused_nb_forward(
     x: torch.Tensor,
     loc: torch.Tensor,
@@ -321,11 +329,9 @@ def _fused_nb_forward(
         log_mu_nz = torch.log(loc_nz + eps)
         u_nz = loc_nz * inv_te_nz
     l1_nz = torch.log1p(u_nz)
-    x_plus_theta = x_nz + theta_nz
+    gamma_values, d_theta_gamma = _gamma_terms(x_nz, theta_nz, lgamma_theta_nz, digamma_theta_nz)
     values = x_nz * (log_mu_nz - log_te_nz - l1_nz)
-    values += torch.lgamma(x_plus_theta)
-    values -= lgamma_theta_nz
-    values -= torch.lgamma(x_nz + 1)
+    values += gamma_values
     if zinb:
         pi_src, pi_mod = _flat_source(pi_logits, shape)
         b_nz = torch.addcmul(pi_src.index_select(0, _gather_index(idx, cols, pi_mod, numel, n_genes)), theta_nz, l1_nz)
@@ -342,8 +348,7 @@ def _fused_nb_forward(
     # ---- nonzero parts of the local derivatives of the NLL ----
     q_nz = torch.reciprocal(u_nz + 1)
     if d_theta is not None:
-        digamma_diff = _digamma(x_plus_theta).sub_(digamma_theta_nz)
-        d_theta.view(-1).index_add_(0, idx, x_nz * q_nz * inv_te_nz - digamma_diff)
+        d_theta.view(-1).index_add_(0, idx, d_theta_gamma.add_(x_nz * q_nz * inv_te_nz))
     if d_loc is not None:
         if loc_is_log:
             correction = -x_nz * q_nz
@@ -416,17 +421,10 @@ def _count_terms(x, loc, theta, inv_te, log_te, pi_logits, loc_is_log: bool, nee
     return rows, d_loc, d_theta, d_pi
 
 
-def _gamma_terms(x_nz, theta_nz, lgamma_theta_nz, digamma_theta_nz):
-    """At the nonzero counts: lgamma(x + theta) - lgamma(theta) - lgamma(x + 1), and (with
-    ``digamma_theta_nz``) minus digamma(x + theta) - digamma(theta), theta's NLL derivative there."""
-    x_plus_theta = x_nz + theta_nz
-    values = torch.lgamma(x_plus_theta) - lgamma_theta_nz - torch.lgamma(x_nz + 1)
-    return values, None if digamma_theta_nz is None else digamma_theta_nz - _digamma(x_plus_theta)
-
-
 def _recompile_limit_hit(error: BaseException) -> bool:
-    limit = getattr(getattr(getattr(torch, "_dynamo", None), "exc", None), "FailOnRecompileLimitHit", None)
-    return limit is not None and isinstance(error, limit)
+    from torch._dynamo.exc import FailOnRecompileLimitHit  # imported by torch.compile already
+
+    return isinstance(error, FailOnRecompileLimitHit)
 
 
 class _BuildFailed(Exception):
@@ -472,7 +470,7 @@ def _compiled_forward(x, idx, x_nz, rows, csr, loc, theta, pi_logits, theta_nz, 
     ll, d_loc, d_theta, d_pi = _kernel(_count_terms)(
         x, loc, theta, torch.reciprocal(theta_plus), torch.log(theta_plus), pi_logits, loc_is_log, need_loc, need_theta, need_pi
     )
-    values, d_theta_nz = _kernel(_gamma_terms)(x_nz, theta_nz, lgamma_theta_nz, digamma_theta_nz if need_theta else None)
+    values, d_theta_nz = _kernel(_gamma_terms)(x_nz, theta_nz, lgamma_theta_nz, digamma_theta_nz)
     ll = ll.reshape(-1)
     ll = ll.add(csr.sum_rows(values)) if csr is not None else ll.index_add(0, rows, values)
     if d_theta is not None:
