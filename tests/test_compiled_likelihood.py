@@ -180,7 +180,7 @@ def test_train_compile_true_is_deterministic_and_close_to_eager(tmp_path, pbmc_s
         assert code == 0, err
         runs[name] = load_checkpoint(tmp_path / f"{name}.ckpt")
     assert runs["compiled"].training["compiled_likelihood"] is True, likelihood_compile_failure()
-    assert set(likelihoods._COMPILE["kernels"]) == {likelihoods._count_terms, likelihoods._gamma_terms}  # built and used
+    assert set(likelihoods._COMPILE["kernels"]) == {likelihoods._likelihood_terms}  # built and used
     assert runs["eager"].training["compiled_likelihood"] is False
     for key, value in runs["compiled"].state_dict.items():
         assert torch.equal(value, runs["again"].state_dict[key]), key

@@ -65,6 +65,56 @@ def test_state_dict_round_trip_continues_the_same_run():
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
+def test_the_reused_step_plan_follows_changes_between_steps():
+    """The direct step reuses its parameter lists while nothing they depend on changes: a
+    parameter losing or regaining its gradient, its data replaced, its gradient made
+    contiguous, or a loaded state dict (its moments row-major) each give a new plan, with plain
+    Adam's values."""
+    model, grads = _model_and_gradients(seed=3, steps=10)
+    plain = copy.deepcopy(model)
+    optimizer = make_optimizer(model, SETTINGS)
+    reference = torch.optim.Adam(plain.parameters(), lr=1e-2, eps=0.01, weight_decay=1e-3, foreach=False, fused=False)
+    params, plain_params = list(model.parameters()), list(plain.parameters())
+    weight_index = next(i for i, p in enumerate(params) if is_column_major(p) and not p.is_contiguous())
+
+    def step(k, skip=(), contiguous_grad=False):
+        for i, (p, q, g) in enumerate(zip(params, plain_params, grads[k])):
+            p.grad = q.grad = None if i in skip else g.clone()
+            if contiguous_grad and i == weight_index:
+                p.grad = p.grad.contiguous()
+        optimizer.step()
+        reference.step()
+
+    step(0)
+    step(1)
+    plans = [optimizer._plan]
+    step(2)
+    assert optimizer._plan is plans[-1]  # nothing changed: the same plan
+    step(3, skip=(0, weight_index))  # two parameters without a gradient this step
+    step(4)
+    plans.append(optimizer._plan)
+    step(5, contiguous_grad=True)
+    with torch.no_grad():  # new storage for one parameter's data, same values
+        params[1].data = params[1].data.clone()
+        plain_params[1].data = plain_params[1].data.clone()
+    step(6)
+    plans.append(optimizer._plan)
+    saved = copy.deepcopy(optimizer.state_dict())
+    for state in saved["state"].values():  # moments saved in row-major layout (another writer's)
+        state["exp_avg"], state["exp_avg_sq"] = state["exp_avg"].contiguous(), state["exp_avg_sq"].contiguous()
+    optimizer.load_state_dict(saved)
+    assert optimizer._plan is None
+    step(7)
+    step(8)
+    plans.append(optimizer._plan)
+    assert len({id(plan) for plan in plans}) == len(plans)
+    for (name, p), q in zip(model.named_parameters(), plain_params):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(optimizer.state[p][key], reference.state[q][key], rtol=1e-6, atol=1e-9, msg=name)
+    assert is_column_major(params[weight_index])
+
+
 HOOKS_ONCE_PER_STEP = """
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook

@@ -315,7 +315,7 @@ def _fused_nb_forward(
 
     if _COMPILE["enabled"]:
         try:
-            return _compiled_forward(x, idx, x_nz, rows, csr, loc, theta, pi_logits, theta_nz, lgamma_theta_nz,
+            return _compiled_forward(x, idx, x_nz, rows, loc, theta, pi_logits, theta_nz, lgamma_theta_nz,
                                      digamma_theta_nz, loc_is_log, need_loc, need_theta, need_pi, eps)
         except _BuildFailed:  # warned; the eager passes below, from here on
             pass
@@ -362,9 +362,12 @@ def _fused_nb_forward(
 # torch.compile (Inductor) turns a chain of elementwise passes into one C++ loop, so there the
 # cheapest schedule differs from the eager one: the counts go in dense, every term linear in x is
 # computed on all entries in the same loop (a zero count contributes 0), and only lgamma / digamma,
-# which have no vector kernel, stay on the nonzero counts. On a 2-core CPU (medians, alternating
-# with the eager passes) the NLL's forward and backward take 2.66 instead of 3.30 ms at
-# 128 x 2000, 17.2 instead of 25.3 at 1024 x 2000 and 9.6 instead of 12.6 at 128 x 9015.
+# which have no vector kernel, stay on the nonzero counts. All of it is one compiled call
+# (``_likelihood_terms``): each call of a compiled function costs 0.13-0.17 ms of dynamo and
+# AOT wrappers on a 2-core CPU whatever its size, so two kernels cost a call more. softplus and
+# sigmoid of the same argument share one exp (``_softplus_and_sigmoid``). On a 2-core CPU (medians,
+# alternating with the eager passes) the NLL's forward and backward take 2.3 instead of 3.3 ms at
+# 128 x 2000, 17 instead of 25 at 1024 x 2000 and 9.6 instead of 12.6 at 128 x 9015.
 # Off outside `compiled_likelihood()`: the build takes seconds (cached on disk afterwards), so
 # training turns it on for runs long enough to repay it (train.compile, training/job.py).
 _COMPILE: dict = {"enabled": False, "kernels": {}, "failed": None, "limit_warned": False}
@@ -389,6 +392,15 @@ def likelihood_compile_failure() -> str | None:
     return _COMPILE["failed"]
 
 
+def _softplus_and_sigmoid(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """softplus(t) and sigmoid(t) from one exp: with e = exp(-|t|), softplus(t) = max(t, 0) +
+    log1p(e) and sigmoid(t) = 1 / (1 + e) for t >= 0, e / (1 + e) below (torch's softplus and
+    sigmoid take an exp each)."""
+    e = torch.exp(-t.abs())
+    r = torch.reciprocal(1 + e)
+    return torch.clamp_min(t, 0) + torch.log1p(e), torch.where(t >= 0, r, e * r)
+
+
 def _count_terms(x, loc, theta, inv_te, log_te, pi_logits, loc_is_log: bool, need_loc: bool, need_theta: bool, need_pi: bool):
     """log p summed over genes but for its lgamma terms, and the NLL's local derivatives but for
     theta's digamma terms, from dense counts ``x`` (notation above ``_flat_source``)."""
@@ -400,13 +412,15 @@ def _count_terms(x, loc, theta, inv_te, log_te, pi_logits, loc_is_log: bool, nee
     ll = torch.where(counted, x * (log_mu - log_te - l1), 0.0) - theta * l1
     if zinb:
         b = pi_logits + theta * l1
-        ll = ll - F.softplus(pi_logits) + torch.where(counted, 0.0, F.softplus(b))
+        softplus_pi, sigmoid_pi = _softplus_and_sigmoid(pi_logits)
+        softplus_b, sigmoid_b = _softplus_and_sigmoid(b)
+        ll = ll - softplus_pi + torch.where(counted, 0.0, softplus_b)
     rows = ll.sum(-1)
     if not (need_loc or need_theta or need_pi):
         return rows, None, None, None
     q = torch.reciprocal(u + 1)
     one_minus_q = u * q
-    sig_b = torch.where(counted, 0.0, torch.sigmoid(b)) if zinb else None
+    sig_b = torch.where(counted, 0.0, sigmoid_b) if zinb else None
     w = 1 - sig_b if zinb else 1.0  # the zero-count weight; 1 at nonzero counts and for NB
     d_loc = d_theta = d_pi = None
     if need_loc:
@@ -417,7 +431,7 @@ def _count_terms(x, loc, theta, inv_te, log_te, pi_logits, loc_is_log: bool, nee
     if need_theta:
         d_theta = w * (l1 - theta * inv_te * one_minus_q) + x * q * inv_te
     if need_pi:
-        d_pi = torch.sigmoid(pi_logits) - sig_b
+        d_pi = sigmoid_pi - sig_b
     return rows, d_loc, d_theta, d_pi
 
 
@@ -459,24 +473,30 @@ def _kernel(function):
     return _COMPILE["kernels"][function]
 
 
-def _compiled_forward(x, idx, x_nz, rows, csr, loc, theta, pi_logits, theta_nz, lgamma_theta_nz, digamma_theta_nz,
+def _compiled_forward(x, idx, x_nz, rows, loc, theta, pi_logits, theta_nz, lgamma_theta_nz, digamma_theta_nz,
                       loc_is_log, need_loc, need_theta, need_pi, eps):
-    """``_fused_nb_forward`` from the nonzero counts on: the compiled kernel for everything but
-    the lgamma / digamma terms, which run on the nonzero counts."""
+    """``_fused_nb_forward`` from the nonzero counts on, in one compiled call (each call of a
+    compiled function costs 0.1-0.2 ms of Python on a 2-core CPU, whatever its size)."""
+    dense_x = None if isinstance(x, SparseRows) or x.shape != loc.shape else x
+    theta_plus = theta + eps  # (G,) mostly: computed here, as inside the kernel it would be per entry
+    return _kernel(_likelihood_terms)(dense_x, idx, x_nz, rows, loc, theta, torch.reciprocal(theta_plus), torch.log(theta_plus),
+                                      pi_logits, theta_nz, lgamma_theta_nz, digamma_theta_nz, loc_is_log, need_loc,
+                                      need_theta, need_pi)
+
+
+def _likelihood_terms(dense_x, idx, x_nz, rows, loc, theta, inv_te, log_te, pi_logits, theta_nz, lgamma_theta_nz,
+                      digamma_theta_nz, loc_is_log: bool, need_loc: bool, need_theta: bool, need_pi: bool):
+    """The compiled kernel: per-row NLL and local derivatives from dense counts (``dense_x``, or
+    the nonzero counts ``x_nz`` at flat indices ``idx`` scattered into zeros), the lgamma /
+    digamma terms on the nonzero counts only, added back by row (``rows``) and by entry."""
     shape = loc.shape
-    if isinstance(x, SparseRows) or x.shape != shape:  # the counts dense, in the kernel's shape
-        x = loc.new_zeros(loc.numel()).index_put_((idx,), x_nz).view(shape)
-    theta_plus = theta + eps
-    ll, d_loc, d_theta, d_pi = _kernel(_count_terms)(
-        x, loc, theta, torch.reciprocal(theta_plus), torch.log(theta_plus), pi_logits, loc_is_log, need_loc, need_theta, need_pi
-    )
-    values, d_theta_nz = _kernel(_gamma_terms)(x_nz, theta_nz, lgamma_theta_nz, digamma_theta_nz)
-    ll = ll.reshape(-1)
-    ll = ll.add(csr.sum_rows(values)) if csr is not None else ll.index_add(0, rows, values)
+    x = dense_x if dense_x is not None else loc.new_zeros(loc.numel()).index_put((idx,), x_nz).view(shape)
+    ll, d_loc, d_theta, d_pi = _count_terms(x, loc, theta, inv_te, log_te, pi_logits, loc_is_log, need_loc, need_theta, need_pi)
+    values, d_theta_nz = _gamma_terms(x_nz, theta_nz, lgamma_theta_nz, digamma_theta_nz)
+    nll = ll.reshape(-1).index_add(0, rows, values).neg().view(shape[:-1])
     if d_theta is not None:
-        d_theta = d_theta.contiguous()
-        d_theta.view(-1).index_add_(0, idx, d_theta_nz)
-    return ll.view(shape[:-1]).neg_(), d_loc, d_theta, d_pi
+        d_theta = d_theta.reshape(-1).index_add(0, idx, d_theta_nz).view(shape)
+    return nll, d_loc, d_theta, d_pi
 
 
 def _reduce_grad(local: torch.Tensor, g: torch.Tensor, target_shape: torch.Size) -> torch.Tensor:

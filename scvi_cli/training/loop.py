@@ -116,10 +116,16 @@ class Adam(torch.optim.Adam):
     torch._dynamo (see ``_without_dynamo_guard``).
     """
 
-    add_param_group = _without_dynamo_guard(torch.optim.Optimizer.add_param_group)
     zero_grad = _without_dynamo_guard(torch.optim.Optimizer.zero_grad)
     state_dict = _without_dynamo_guard(torch.optim.Optimizer.state_dict)
-    load_state_dict = _without_dynamo_guard(torch.optim.Optimizer.load_state_dict)
+
+    def add_param_group(self, param_group: dict) -> None:
+        self._plan = None
+        _without_dynamo_guard(torch.optim.Optimizer.add_param_group)(self, param_group)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._plan = None  # the moments are new tensors
+        _without_dynamo_guard(torch.optim.Optimizer.load_state_dict)(self, state_dict)
 
     def step(self, closure=None):
         if closure is None and self._direct_step():
@@ -141,40 +147,79 @@ class Adam(torch.optim.Adam):
         kernel and grouping tensors, a few percent of a training step at batch 128, and its first
         call imports torch._dynamo. Returns False (nothing done) where torch's step is needed."""
         kernel = getattr(torch, "_fused_adam_", None)
+        if kernel is None:
+            return False
+        key = self._plan_key()
+        plan = getattr(self, "_plan", None)
+        if plan is None or plan[0] != key:
+            plan = self._plan = (key, self._direct_plan())
+        groups = plan[1]
+        if groups is None:
+            return False
+        for group, (params, flips, views, exp_avgs, exp_avg_sqs, steps) in zip(self.param_groups, groups):
+            if not params:
+                continue
+            if group["amsgrad"] or group["maximize"] or not group.get("fused"):  # changed since the plan
+                self._plan = None
+                return False
+            grads = [_contiguous(p.grad.t() if flip else p.grad) for p, flip in zip(params, flips)]
+            beta1, beta2 = group["betas"]
+            torch._foreach_add_(steps, 1)
+            kernel(
+                views, grads, exp_avgs, exp_avg_sqs, [], steps,
+                amsgrad=False, lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
+                eps=group["eps"], maximize=False, grad_scale=None, found_inf=None,
+            )
+        return True
+
+    def _plan_key(self) -> tuple:
+        """What the plan of ``_direct_plan`` depends on and can change between steps: which
+        parameters have a gradient, where their data and gradients live and in which layout."""
+        return tuple(
+            (p.data_ptr(), p.stride(), None if p.grad is None else (p.grad.stride(), p.grad.dtype, p.grad.layout))
+            for group in self.param_groups for p in group["params"]
+        )
+
+    def _direct_plan(self) -> list | None:
+        """Per parameter group: the parameters with a gradient, whether each is stepped through
+        its transpose, and its data, moments and step count as the kernel takes them (Adam's
+        state created where missing); None where torch's step is needed. Built once and reused while
+        ``_plan_key`` stays the same: the checks and views cost about 0.1 ms per step."""
         groups = []
         for group in self.param_groups:
-            if not group.get("fused") or kernel is None or group["amsgrad"] or group["maximize"]:
-                return False
+            if not group.get("fused") or group["amsgrad"] or group["maximize"]:
+                return None
             if group.get("differentiable") or group.get("capturable") or group.get("decoupled_weight_decay"):
-                return False
-            lists = ([], [], [], [], [])
+                return None
+            params, flips, views, exp_avgs, exp_avg_sqs, steps = [], [], [], [], [], []
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse or not p.is_floating_point():
-                    return False
+                    return None
                 state = self.state[p]
                 if not state:
                     _initial_state(state, p)
                 elif not torch.is_tensor(state.get("step")):
-                    return False
+                    return None
                 flip = _stored_transposed(p)
-                for bucket, tensor in zip(lists, (p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"])):
-                    bucket.append(tensor.t() if flip and tensor.dim() == 2 else tensor)
-            if lists[0] and len({(t.device, t.dtype) for t in lists[0]}) != 1:
-                return False
-            groups.append((group, lists))
-        for group, (params, grads, exp_avgs, exp_avg_sqs, steps) in groups:
-            if not params:
-                continue
-            beta1, beta2 = group["betas"]
-            torch._foreach_add_(steps, 1)
-            kernel(
-                params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=group["lr"], beta1=beta1,
-                beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
-                grad_scale=None, found_inf=None,
-            )
-        return True
+                view = p.t() if flip else p
+                if not view.is_contiguous():  # the kernel reads every tensor as flat memory
+                    return None
+                for key in ("exp_avg", "exp_avg_sq"):  # a loaded moment may be in another layout
+                    moment = state[key].t() if flip else state[key]
+                    if not moment.is_contiguous():
+                        state[key] = torch.empty_like(p, memory_format=torch.preserve_format).copy_(state[key])
+                params.append(p)
+                flips.append(flip)
+                views.append(view)
+                exp_avgs.append(state["exp_avg"].t() if flip else state["exp_avg"])
+                exp_avg_sqs.append(state["exp_avg_sq"].t() if flip else state["exp_avg_sq"])
+                steps.append(state["step"])
+            if params and len({(t.device, t.dtype) for t in params}) != 1:
+                return None
+            groups.append((params, flips, views, exp_avgs, exp_avg_sqs, steps))
+        return groups
 
     def _transpose(self, params) -> None:
         for p in params:
@@ -185,6 +230,12 @@ class Adam(torch.optim.Adam):
             for key, value in state.items():
                 if torch.is_tensor(value) and value.dim() == 2:
                     state[key] = value.t()
+
+
+def _contiguous(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as the fused kernel needs it: it reads every tensor as flat memory, so a gradient
+    set in another layout than its parameter's (by hand, not by autograd) is copied."""
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def _initial_state(state: dict, p: torch.Tensor) -> None:
