@@ -8,8 +8,8 @@ batch size 128, 100 epochs; then per-cell negative ELBO and reconstruction NLL o
     python benchmarks/fidelity_pbmc4k.py [--data PATH] [--epochs 100] [--threads 2] [--workdir DIR]
         [--compile auto|true|false] [--compare-plain]
 
-``--compile`` is the fast path's ``train.compile`` (auto: eager here, a run this short does not
-compile; true: the likelihood through its compiled kernel).
+``--compile`` is the fast path's ``train.compile`` (auto, the default, and true: the likelihood
+through its native kernel where a C compiler is found; false: the eager passes).
 
 ``--compare-plain`` also trains the same model from the same seed with the plain implementation
 (dense minibatches, dense first layer, the reference likelihood formulas differentiated by

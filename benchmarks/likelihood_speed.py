@@ -1,14 +1,16 @@
 """ZINB / NB negative log-likelihood, forward + backward: dense reference vs scvi-cli's paths.
 
-Five ways to get the per-cell NLL (summed over genes) and its gradients w.r.t. log mu, log theta
+Up to six ways to get the per-cell NLL (summed over genes) and its gradients w.r.t. log mu, log theta
 (per gene, or per cell with --theta-per-cell) and the zero-inflation logits:
 
 * ``dense``      the REFERENCE.md formula verbatim, three lgammas on every entry, autograd backward;
 * ``nonzero``    ``log_zinb_positive`` / ``log_nb_positive`` (lgammas on nonzero counts only), autograd;
 * ``fused-mu``   ``fused_nb_nll(x, mu, ...)``: fused forward, analytic backward, mu = exp(log mu);
 * ``fused-log``  ``fused_nb_nll(x, None, ..., log_mu=...)``: the same, differentiating log mu directly;
-* ``compiled``   ``fused-log`` through its compiled kernel (``compiled_likelihood()``, what
-  ``train.compile`` turns on); its first call, the build, is part of the correctness check.
+* ``fused-csr``  ``fused-log`` on the counts as CSR rows (SparseRows), as training passes them;
+* ``kernel``     ``fused-csr`` through the native kernel (``compiled_likelihood()``, what
+  ``train.compile`` turns on; nn/native.py); its first call, the build, is part of the correctness
+  check. The CSR cases need 2-d shapes (no ``--samples``).
 
 Each is checked against ``dense`` first, then timed interleaved (so that load from other processes
 hits all of them alike); the script prints the median and the best of the repeats and the dense /
@@ -31,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from scvi_cli.nn.likelihoods import compiled_likelihood, fused_nb_nll, log_nb_positive, log_zinb_positive
+from scvi_cli.nn.sparse_input import SparseRows
 
 EPS = 1e-8
 
@@ -67,7 +70,7 @@ def saved_bytes(fn) -> int:
 
 
 def through_kernel(fn):
-    """``fn`` evaluated inside ``compiled_likelihood()``."""
+    """``fn`` evaluated inside ``compiled_likelihood()`` (the native kernel)."""
     def call():
         with compiled_likelihood():
             return fn()
@@ -81,15 +84,19 @@ def make_cases(x, log_mu, log_theta, pi):
         "nonzero": lambda: -log_zinb_positive(x, log_mu.exp(), log_theta.exp(), pi).sum(-1),
         "fused-mu": lambda: fused_nb_nll(x, log_mu.exp(), log_theta.exp(), pi),
         "fused-log": lambda: fused_nb_nll(x, None, log_theta.exp(), pi, log_mu=log_mu),
-        "compiled": through_kernel(lambda: fused_nb_nll(x, None, log_theta.exp(), pi, log_mu=log_mu)),
     }
     nb = {
         "dense": lambda: -dense_nb(x, log_mu.exp(), log_theta.exp()).sum(-1),
         "nonzero": lambda: -log_nb_positive(x, log_mu.exp(), log_theta.exp()).sum(-1),
         "fused-mu": lambda: fused_nb_nll(x, log_mu.exp(), log_theta.exp()),
         "fused-log": lambda: fused_nb_nll(x, None, log_theta.exp(), log_mu=log_mu),
-        "compiled": through_kernel(lambda: fused_nb_nll(x, None, log_theta.exp(), log_mu=log_mu)),
     }
+    if log_mu.dim() == 2:
+        rows = SparseRows.from_dense(x)
+        zinb["fused-csr"] = lambda: fused_nb_nll(rows, None, log_theta.exp(), pi, log_mu=log_mu)
+        zinb["kernel"] = through_kernel(zinb["fused-csr"])
+        nb["fused-csr"] = lambda: fused_nb_nll(rows, None, log_theta.exp(), log_mu=log_mu)
+        nb["kernel"] = through_kernel(nb["fused-csr"])
     return {"zinb": zinb, "nb": nb}
 
 

@@ -180,7 +180,7 @@ class TrainSpec(_Section):
     validation_every_n_epochs: PositiveInt | None = 1
     seed: Annotated[int, Field(strict=True, ge=0, le=2**32 - 1)] = 0  # any RNG accepts it
     precision: Precision = "32"
-    # the likelihood through torch.compile: auto = on the CPU for runs long enough to repay the build
+    # the likelihood through its native kernel (nn/native.py): auto = on the CPU with a C compiler
     compile: Literal["auto"] | StrictBool = "auto"
 
     @field_validator("compile", mode="before")

@@ -159,7 +159,7 @@ def test_training_from_disk_equals_training_in_memory_for_the_same_cell_order(tm
         source = (B.BackedMinibatches(data, idx, 32, shuffle=False, block_cells=50, buffer_blocks=2) if backed
                   else CSRMinibatches(data, idx, 32, shuffle=False, layout="sparse"))
         torch.manual_seed(1)
-        fit(model, source, settings=train_settings(spec, data.n_cells, n_genes=data.n_genes))
+        fit(model, source, settings=train_settings(spec, data.n_cells))
         weights.append(model.state_dict())
     for key in weights[0]:
         torch.testing.assert_close(weights[1][key], weights[0][key], rtol=0, atol=0, msg=key)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from scvi_cli.nn import native
 from scvi_cli.nn.sparse_input import SparseRows
 
 EPS = 1e-8
@@ -287,6 +288,11 @@ def _fused_nb_forward(
     eps: float = EPS,
 ):
     """Per-row NLL (shape ``shape[:-1]``) and the local derivatives to save (None where not needed)."""
+    if _KERNEL["enabled"] and native.handles(x, loc, theta, pi_logits):
+        try:
+            return native.nb_nll_rows(x, loc, theta, pi_logits, loc_is_log, need_loc, need_theta, need_pi)
+        except native.KernelUnavailable as error:  # warned once; the eager passes below, from here on
+            _kernel_failed(str(error))
     zinb = pi_logits is not None
     shape = _broadcast_shape(x.shape, loc.shape, theta.shape, *((pi_logits.shape,) if zinb else ()))
     if loc.shape != shape or not loc.is_contiguous():
@@ -312,13 +318,6 @@ def _fused_nb_forward(
         lgamma_theta_nz = torch.lgamma(theta_nz)
         inv_te_nz = torch.reciprocal(theta_nz + eps)
         digamma_theta_nz = _digamma(theta_nz) if need_theta else None
-
-    if _COMPILE["enabled"]:
-        try:
-            return _compiled_forward(x, idx, x_nz, rows, loc, theta, pi_logits, theta_nz, lgamma_theta_nz,
-                                     digamma_theta_nz, loc_is_log, need_loc, need_theta, need_pi, eps)
-        except _BuildFailed:  # warned; the eager passes below, from here on
-            pass
 
     # ---- nonzero part of log p: x (log mu - log(theta + mu + eps)) + lgammas [- softplus(b)] ----
     loc_nz = loc.view(-1).index_select(0, idx)
@@ -358,145 +357,37 @@ def _fused_nb_forward(
     return nll, d_loc, d_theta, d_pi
 
 
-# ---- the compiled path -------------------------------------------------------------------------
-# torch.compile (Inductor) turns a chain of elementwise passes into one C++ loop, so there the
-# cheapest schedule differs from the eager one: the counts go in dense, every term linear in x is
-# computed on all entries in the same loop (a zero count contributes 0), and only lgamma / digamma,
-# which have no vector kernel, stay on the nonzero counts. All of it is one compiled call
-# (``_likelihood_terms``): each call of a compiled function costs 0.13-0.17 ms of dynamo and
-# AOT wrappers on a 2-core CPU whatever its size, so two kernels cost a call more. softplus and
-# sigmoid of the same argument share one exp (``_softplus_and_sigmoid``). On a 2-core CPU (medians,
-# alternating with the eager passes) the NLL's forward and backward take 2.3 instead of 3.3 ms at
-# 128 x 2000, 17 instead of 25 at 1024 x 2000 and 9.6 instead of 12.6 at 128 x 9015.
-# Off outside `compiled_likelihood()`: the build takes seconds (cached on disk afterwards), so
-# training turns it on for runs long enough to repay it (train.compile, training/job.py).
-_COMPILE: dict = {"enabled": False, "kernels": {}, "failed": None, "limit_warned": False}
+# ---- the native kernel ---------------------------------------------------------------------------
+# Training's likelihood (CSR counts, float32, CPU) goes through a C kernel (nn/native.py,
+# nn/nb_kernel.c): one vectorised pass per row that treats every count as zero, then the row's
+# stored counts corrected in place, with products and sums instead of lgamma / digamma for small
+# integer counts. Off outside `compiled_likelihood()`, so that the eager passes above stay the
+# default everywhere else; training turns it on (train.compile, training/job.py).
+_KERNEL: dict = {"enabled": False, "failed": None}
 
 
 @contextlib.contextmanager
 def compiled_likelihood(enabled: bool = True):
-    """Within the block, fused NLLs go through the compiled kernel (or, with False, the eager
-    passes). The kernel is built at the first call per input rank, dtype and set of gradients;
-    where a build fails (no C++ compiler, say) a warning says why and the eager passes take over
-    for the rest of the process."""
-    previous = _COMPILE["enabled"]
-    _COMPILE["enabled"] = bool(enabled) and _COMPILE["failed"] is None
+    """Within the block, fused NLLs of CSR counts on the CPU go through the native kernel (or,
+    with False, the eager passes). The kernel is built at the first call of the process; where
+    the build fails (no C compiler, say) a warning says why and the eager passes take over for
+    the rest of the process."""
+    previous = _KERNEL["enabled"]
+    _KERNEL["enabled"] = bool(enabled) and _KERNEL["failed"] is None
     try:
         yield
     finally:  # a build that failed inside the block stays failed outside it
-        _COMPILE["enabled"] = previous and _COMPILE["failed"] is None
+        _KERNEL["enabled"] = previous and _KERNEL["failed"] is None
 
 
 def likelihood_compile_failure() -> str | None:
     """Why the kernel could not be built in this process, or None."""
-    return _COMPILE["failed"]
+    return _KERNEL["failed"]
 
 
-def _softplus_and_sigmoid(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """softplus(t) and sigmoid(t) from one exp: with e = exp(-|t|), softplus(t) = max(t, 0) +
-    log1p(e) and sigmoid(t) = 1 / (1 + e) for t >= 0, e / (1 + e) below (torch's softplus and
-    sigmoid take an exp each)."""
-    e = torch.exp(-t.abs())
-    r = torch.reciprocal(1 + e)
-    return torch.clamp_min(t, 0) + torch.log1p(e), torch.where(t >= 0, r, e * r)
-
-
-def _count_terms(x, loc, theta, inv_te, log_te, pi_logits, loc_is_log: bool, need_loc: bool, need_theta: bool, need_pi: bool):
-    """log p summed over genes but for its lgamma terms, and the NLL's local derivatives but for
-    theta's digamma terms, from dense counts ``x`` (notation above ``_flat_source``)."""
-    zinb = pi_logits is not None
-    counted = x != 0
-    u = (loc.exp() if loc_is_log else loc) * inv_te
-    l1 = torch.log1p(u)
-    log_mu = loc if loc_is_log else torch.log(loc + EPS)
-    ll = torch.where(counted, x * (log_mu - log_te - l1), 0.0) - theta * l1
-    if zinb:
-        b = pi_logits + theta * l1
-        softplus_pi, sigmoid_pi = _softplus_and_sigmoid(pi_logits)
-        softplus_b, sigmoid_b = _softplus_and_sigmoid(b)
-        ll = ll - softplus_pi + torch.where(counted, 0.0, softplus_b)
-    rows = ll.sum(-1)
-    if not (need_loc or need_theta or need_pi):
-        return rows, None, None, None
-    q = torch.reciprocal(u + 1)
-    one_minus_q = u * q
-    sig_b = torch.where(counted, 0.0, sigmoid_b) if zinb else None
-    w = 1 - sig_b if zinb else 1.0  # the zero-count weight; 1 at nonzero counts and for NB
-    d_loc = d_theta = d_pi = None
-    if need_loc:
-        if loc_is_log:
-            d_loc = w * theta * one_minus_q - x * q
-        else:
-            d_loc = w * theta * inv_te * q - x * (torch.reciprocal(loc + EPS) - q * inv_te)
-    if need_theta:
-        d_theta = w * (l1 - theta * inv_te * one_minus_q) + x * q * inv_te
-    if need_pi:
-        d_pi = sigmoid_pi - sig_b
-    return rows, d_loc, d_theta, d_pi
-
-
-def _recompile_limit_hit(error: BaseException) -> bool:
-    from torch._dynamo.exc import FailOnRecompileLimitHit  # imported by torch.compile already
-
-    return isinstance(error, FailOnRecompileLimitHit)
-
-
-class _BuildFailed(Exception):
-    """A kernel could not be built (warned once): the caller takes the eager passes."""
-
-
-def _kernel(function):
-    """``function`` compiled; a failed build (any exception from the compiled call: no C++
-    compiler, an unsupported platform) is warned about and raised as _BuildFailed."""
-    if function not in _COMPILE["kernels"]:
-        compiled = torch.compile(function, dynamic=True, fullgraph=True)
-
-        def kernel(*args):
-            try:
-                return compiled(*args)
-            except Exception as error:  # noqa: BLE001 - whatever stops the build, the eager passes
-                if _recompile_limit_hit(error):
-                    # one variant too many for torch.compile's cache (a long-lived process that
-                    # evaluates many dtypes, ranks or likelihoods): the eager passes for that
-                    # variant only; the kernels already built stay in use
-                    if not _COMPILE["limit_warned"]:
-                        _COMPILE["limit_warned"] = True
-                        warnings.warn("the likelihood kernel reached torch.compile's recompile limit; "
-                                      "inputs of further kinds use the eager passes", stacklevel=4)
-                    raise _BuildFailed("recompile limit") from error
-                reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-                _COMPILE["enabled"], _COMPILE["failed"] = False, reason
-                warnings.warn(f"the likelihood kernel could not be compiled ({reason}); using eager passes", stacklevel=4)
-                raise _BuildFailed(reason) from error
-
-        _COMPILE["kernels"][function] = kernel
-    return _COMPILE["kernels"][function]
-
-
-def _compiled_forward(x, idx, x_nz, rows, loc, theta, pi_logits, theta_nz, lgamma_theta_nz, digamma_theta_nz,
-                      loc_is_log, need_loc, need_theta, need_pi, eps):
-    """``_fused_nb_forward`` from the nonzero counts on, in one compiled call (each call of a
-    compiled function costs 0.1-0.2 ms of Python on a 2-core CPU, whatever its size)."""
-    dense_x = None if isinstance(x, SparseRows) or x.shape != loc.shape else x
-    theta_plus = theta + eps  # (G,) mostly: computed here, as inside the kernel it would be per entry
-    return _kernel(_likelihood_terms)(dense_x, idx, x_nz, rows, loc, theta, torch.reciprocal(theta_plus), torch.log(theta_plus),
-                                      pi_logits, theta_nz, lgamma_theta_nz, digamma_theta_nz, loc_is_log, need_loc,
-                                      need_theta, need_pi)
-
-
-def _likelihood_terms(dense_x, idx, x_nz, rows, loc, theta, inv_te, log_te, pi_logits, theta_nz, lgamma_theta_nz,
-                      digamma_theta_nz, loc_is_log: bool, need_loc: bool, need_theta: bool, need_pi: bool):
-    """The compiled kernel: per-row NLL and local derivatives from dense counts (``dense_x``, or
-    the nonzero counts ``x_nz`` at flat indices ``idx`` scattered into zeros), the lgamma /
-    digamma terms on the nonzero counts only, added back by row (``rows``) and by entry."""
-    shape = loc.shape
-    x = dense_x if dense_x is not None else loc.new_zeros(loc.numel()).index_put((idx,), x_nz).view(shape)
-    ll, d_loc, d_theta, d_pi = _count_terms(x, loc, theta, inv_te, log_te, pi_logits, loc_is_log, need_loc, need_theta, need_pi)
-    values, d_theta_nz = _gamma_terms(x_nz, theta_nz, lgamma_theta_nz, digamma_theta_nz)
-    nll = ll.reshape(-1).index_add(0, rows, values).neg().view(shape[:-1])
-    if d_theta is not None:
-        d_theta = d_theta.reshape(-1).index_add(0, idx, d_theta_nz).view(shape)
-    return nll, d_loc, d_theta, d_pi
+def _kernel_failed(reason: str) -> None:
+    _KERNEL["enabled"], _KERNEL["failed"] = False, reason
+    warnings.warn(f"the likelihood kernel could not be built ({reason}); using eager passes", stacklevel=5)
 
 
 def _reduce_grad(local: torch.Tensor, g: torch.Tensor, target_shape: torch.Size) -> torch.Tensor:

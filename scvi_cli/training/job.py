@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from scvi_cli.data.counts import counts_digest
 from scvi_cli.device import count_layout, limit_threads, resolve_device, retain_memory_for_minibatches
 from scvi_cli.errors import DataError, UsageError
 from scvi_cli.model_factory import build_model, model_kwargs
+from scvi_cli.nn import native
 from scvi_cli.nn.likelihoods import likelihood_compile_failure
 from scvi_cli.training.preemption import TrainingStopped, stop_on_signals
 from scvi_cli.progress import SilentReporter
@@ -102,27 +102,17 @@ def minibatch_sources(data: CountData, train_idx, validation_idx, batch_size: in
     return train, validation
 
 
-# `train.compile: auto` builds the likelihood kernel when a run evaluates at least this many
-# cell x gene entries (epochs x training cells x genes). On a 2-core CPU the kernel saves 2.5-4 ns
-# per entry (0.64 of 3.30 ms at 128 x 2000, 8 of 25 ms at 1024 x 2000) and its build takes 4.5-10 s:
-# 1e10 entries repay a build about three times at the smallest saving. (400 epochs of 18k x 2k
-# cells are 1.4e10, 80 of 90k x 9k 6.5e10; 30 epochs of pbmc4k 2.2e8.)
-AUTO_COMPILE_MIN_ENTRIES = 1e10
-
-
-def compile_likelihood_for(choice, device: torch.device, planned_entries: float) -> bool:
-    """``train.compile`` resolved: true / false as given; auto on the CPU, with a C++ compiler
-    on the PATH (Inductor's), for runs of at least AUTO_COMPILE_MIN_ENTRIES entries."""
+def compile_likelihood_for(choice, device: torch.device) -> bool:
+    """``train.compile`` resolved: true / false as given; auto on the CPU with a C compiler on the
+    PATH (the kernel builds in under a second and is cached, so every such run pays it back)."""
     if choice != "auto":
         return bool(choice)
-    compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("clang++")
-    return torch.device(device).type == "cpu" and compiler is not None and planned_entries >= AUTO_COMPILE_MIN_ENTRIES
+    return torch.device(device).type == "cpu" and native.find_compiler() is not None
 
 
-def train_settings(spec: Spec, n_cells: int, *, n_genes: int, device: torch.device | str = "cpu") -> TrainSettings:
+def train_settings(spec: Spec, n_cells: int, *, device: torch.device | str = "cpu") -> TrainSettings:
     train = spec.train
     max_epochs = resolved_max_epochs(spec, n_cells)
-    planned_entries = max_epochs * n_cells * resolved_train_size(spec) * n_genes
     return TrainSettings(
         max_epochs=max_epochs,
         lr=train.lr,
@@ -133,7 +123,7 @@ def train_settings(spec: Spec, n_cells: int, *, n_genes: int, device: torch.devi
         early_stopping_patience=train.early_stopping_patience,
         early_stopping_min_delta=train.early_stopping_min_delta,
         validation_every_n_epochs=train.validation_every_n_epochs,
-        compile=compile_likelihood_for(train.compile, torch.device(device), planned_entries),
+        compile=compile_likelihood_for(train.compile, torch.device(device)),
         precision=train.precision,
     )
 
@@ -285,7 +275,7 @@ def _train(
     if setup.identity():
         fingerprint = hashlib.sha256((fingerprint + json.dumps(setup.identity(), sort_keys=True)).encode()).hexdigest()
     seed = spec.train.seed
-    settings = train_settings(spec, data.n_cells, n_genes=data.n_genes, device=torch_device)
+    settings = train_settings(spec, data.n_cells, device=torch_device)
     train_idx, validation_idx = train_validation_split(
         data.n_cells, resolved_train_size(spec), spec.train.batch_size, seed
     )
@@ -340,7 +330,6 @@ def _train(
     reporter.message(
         f"{spec.model.type}: {data.n_cells} cells x {data.n_genes} genes, {data.n_batch} batch(es), "
         f"{len(train_idx)} train / {len(validation_idx)} validation cells, {settings.max_epochs} epochs on {torch_device}"
-        + (" (likelihood compiled: its first steps build the kernel)" if settings.compile else "")
     )
 
     def facts(state: TrainingState, started: float) -> dict:

@@ -38,7 +38,7 @@ class TrainSettings:
     early_stopping_patience: int = 45
     early_stopping_min_delta: float = 0.0
     validation_every_n_epochs: int | None = 1  # and at the last epoch; None: never
-    compile: bool = False  # the fused likelihood through its compiled kernel (nn/likelihoods.py)
+    compile: bool = False  # the fused likelihood through its native kernel (nn/native.py)
     precision: str = "32"  # "32", "tf32" (CUDA matmuls in TF32) or "bf16-mixed" (bf16 autocast)
 
 
