@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import hashlib
 import os
 import platform
@@ -81,12 +82,15 @@ def _vector_flags() -> list[str]:
     return []
 
 
+@functools.cache
+def _compiler_version(compiler: str) -> str:
+    return subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+
+
 def _uses_libgomp(compiler: str) -> bool:
     """Whether ``compiler`` is GCC on Linux, whose -fopenmp links libgomp.so.1 (torch's runtime there)."""
-    if platform.system() != "Linux":
-        return False
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    return "Free Software Foundation" in version and "clang" not in version.lower()
+    version = _compiler_version(compiler)
+    return platform.system() == "Linux" and "Free Software Foundation" in version and "clang" not in version.lower()
 
 
 def _flag_sets(compiler: str) -> list[tuple[list[str], list[str]]]:
@@ -110,7 +114,7 @@ def _flag_sets(compiler: str) -> list[tuple[list[str], list[str]]]:
 
 def _build(compiler: str, source: bytes, flags: tuple[list[str], list[str]]) -> Path:
     cflags, libraries = flags
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    version = _compiler_version(compiler)
     key = hashlib.sha256(b"\0".join([source, " ".join(cflags + libraries).encode(), compiler.encode(), version.encode(),
                                      platform.machine().encode()])).hexdigest()[:16]
     target = cache_dir() / f"nb_kernel-{key}.so"
