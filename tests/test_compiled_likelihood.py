@@ -120,13 +120,61 @@ def test_kernel_gamma_terms_against_scipy():
     library = native.kernel()
     value, d_theta = ctypes.c_double(), ctypes.c_double()
     for x in (1, 2, 5, 16, 17, 100, 1023, 1024, 5e4, 0.5, 2.25, 16.5):
-        for theta in (1e-4, 0.05, 1.0, 37.5, 1e3, 1e7, 1e13):
+        for theta in (1e-4, 0.05, 1.0, 37.5, 1e3, 1e7, 1e13, 1e17):
             library.nb_gamma_terms(ctypes.c_double(x), ctypes.c_double(theta), ctypes.byref(value), ctypes.byref(d_theta))
             want = scipy.special.gammaln(x + theta) - scipy.special.gammaln(theta) - scipy.special.gammaln(x + 1)
             want_d = scipy.special.digamma(theta) - scipy.special.digamma(x + theta)
-            scale = max(1.0, abs(scipy.special.gammaln(x + theta)))  # the lgamma path's cancellation
+            if x <= 16 and x == int(x):  # a product: exact to double rounding, where scipy's difference cancels
+                want = math.fsum(math.log(theta + k) for k in range(int(x))) - math.lgamma(x + 1)
+                scale = 1.0
+            else:  # lgamma(x + theta) - lgamma(theta) cancels in both, by about lgamma's magnitude
+                scale = max(1.0, abs(scipy.special.gammaln(x + theta)))
             assert math.isclose(value.value, want, rel_tol=1e-10, abs_tol=1e-12 * scale), (x, theta, value.value, want)
             assert math.isclose(d_theta.value, want_d, rel_tol=1e-9, abs_tol=1e-12), (x, theta, d_theta.value, want_d)
+
+
+@needs_compiler
+def test_kernel_d_pi_at_counts_is_sigmoid_pi_to_float_precision(compiled):
+    """At a count the zero-inflation logit's derivative is sigmoid(pi) alone: tiny values (pi =
+    -20) are kept, not lost in a float32 difference with sigmoid(b)."""
+    x = torch.tensor([[3.0, 0.0, 1.0]])
+    mu = torch.tensor([[1e3, 1.0, 5.0]])
+    theta = torch.tensor([10.0, 1.0, 2.0])
+    pi = torch.tensor([[-20.0, 0.0, -30.0]], requires_grad=True)
+    fused(SparseRows.from_dense(x), mu, theta, pi).sum().backward()
+    assert compiled
+    want = torch.sigmoid(pi.detach().double())[0, [0, 2]]
+    torch.testing.assert_close(pi.grad[0, [0, 2]].double(), want, rtol=1e-6, atol=0)
+
+
+@needs_compiler
+def test_kernel_invalid_counts_and_theta_give_nan_not_a_crash_or_a_hang(compiled):
+    """Negative counts (the loader refuses them, a caller of fused_nb_nll may not) and theta of
+    -inf give NaN rows, as the eager passes do, instead of reading past a table or looping."""
+    for count, theta_value in ((-1.0, 1.0), (-1e8, 1.0), (2.5, float("-inf")), (20.0, -1e20)):
+        counts = SparseRows(torch.tensor([0, 1]), torch.tensor([0]), torch.tensor([count]), 2)
+        nll = fused(counts, torch.tensor([[1.0, 1.0]]), torch.tensor([theta_value, 1.0]))
+        with compiled_likelihood(False):
+            eager = fused(counts, torch.tensor([[1.0, 1.0]]), torch.tensor([theta_value, 1.0]))
+        assert torch.isnan(nll).all() and torch.isnan(eager).all(), (count, theta_value)
+
+
+@needs_compiler
+def test_kernel_and_eager_take_non_contiguous_and_broadcast_theta_and_pi(compiled):
+    torch.manual_seed(1)
+    x = torch.poisson(torch.rand(5, 7) * 3)
+    counts = SparseRows.from_dense(x)
+    mu = torch.rand(5, 7) * 4 + 0.1
+    thetas = [torch.rand(7) + 0.5, torch.rand(1, 7) + 0.5, torch.rand(5, 1) + 0.5, (torch.rand(7, 5) + 0.5).t()]
+    pis = [None, torch.randn(5, 7), torch.randn(7), torch.randn(5, 1), torch.randn(7, 5).t()]
+    for theta in thetas:
+        for pi in pis:
+            got = value_and_grads(lambda _, *p: fused(counts, *p), None, mu, theta, pi)
+            with compiled_likelihood(False):
+                want = value_and_grads(lambda _, *p: fused(counts, *p), None, mu, theta, pi)
+            for g, w in zip(got, want):
+                assert g.shape == w.shape and scaled_error(g, w) < 2e-6
+    assert len(compiled) == len(thetas) * len(pis)
 
 
 @needs_compiler
@@ -236,6 +284,21 @@ def test_cache_dir_falls_back_to_the_temp_dir_where_the_cache_cannot_be_made(mon
     assert native.cache_dir().parent == Path(tempfile.gettempdir())
     monkeypatch.setenv("SCVI_CLI_CACHE_DIR", str(tmp_path / "mine"))
     assert native.cache_dir() == tmp_path / "mine"
+
+
+def test_the_temp_dir_cache_is_private_or_not_used(monkeypatch, tmp_path):
+    """The temp-dir fallback is made 0700; one that is open to others (where another user could
+    plant a library to be loaded) is not used: a fresh private folder is."""
+    import os
+    import stat
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    private = native._private_temp_dir()
+    assert private.parent == tmp_path and stat.S_IMODE(private.stat().st_mode) == 0o700
+    assert native._private_temp_dir() == private
+    os.chmod(private, 0o777)
+    other = native._private_temp_dir()
+    assert other != private and other.parent == tmp_path and stat.S_IMODE(other.stat().st_mode) == 0o700
 
 
 def test_auto_uses_the_kernel_on_the_cpu_with_a_c_compiler(monkeypatch):

@@ -288,7 +288,7 @@ def _fused_nb_forward(
     eps: float = EPS,
 ):
     """Per-row NLL (shape ``shape[:-1]``) and the local derivatives to save (None where not needed)."""
-    if _KERNEL["enabled"] and native.handles(x, loc, theta, pi_logits):
+    if _KERNEL["enabled"] and eps == EPS and native.handles(x, loc, theta, pi_logits):
         try:
             return native.nb_nll_rows(x, loc, theta, pi_logits, loc_is_log, need_loc, need_theta, need_pi)
         except native.KernelUnavailable as error:  # warned once; the eager passes below, from here on
@@ -297,6 +297,8 @@ def _fused_nb_forward(
     shape = _broadcast_shape(x.shape, loc.shape, theta.shape, *((pi_logits.shape,) if zinb else ()))
     if loc.shape != shape or not loc.is_contiguous():
         loc = loc.expand(shape).contiguous()
+    theta = theta.contiguous()  # the derivatives take its layout, and are updated through flat views
+    pi_logits = None if pi_logits is None else pi_logits.contiguous()
     numel, n_genes = loc.numel(), shape[-1]
     need_pi = need_pi and zinb
 

@@ -72,7 +72,22 @@ def cache_dir() -> Path:
             return preferred
     except OSError:
         pass
-    return Path(tempfile.gettempdir()) / f"scvi-cli-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+    return _private_temp_dir()
+
+
+def _private_temp_dir() -> Path:
+    """<tmp>/scvi-cli-<uid>, made 0700; if it exists but is another user's or open to others
+    (a library planted there would be loaded), a fresh private folder for this process instead."""
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    shared = Path(tempfile.gettempdir()) / f"scvi-cli-{uid if uid is not None else 'user'}"
+    try:
+        shared.mkdir(mode=0o700, exist_ok=True)
+        status = shared.lstat()
+        if uid is None or (status.st_uid == uid and not status.st_mode & 0o077 and shared.is_dir() and not shared.is_symlink()):
+            return shared
+    except OSError:
+        pass
+    return Path(tempfile.mkdtemp(prefix="scvi-cli-"))
 
 
 def _vector_flags() -> list[str]:
@@ -88,9 +103,18 @@ def _compiler_version(compiler: str) -> str:
 
 
 def _uses_libgomp(compiler: str) -> bool:
-    """Whether ``compiler`` is GCC on Linux, whose -fopenmp links libgomp.so.1 (torch's runtime there)."""
+    """Whether an OpenMP build shares torch's thread pool: ``compiler`` is GCC on Linux (its
+    -fopenmp links libgomp.so.1) and this process has loaded a library of exactly that name
+    (torch's OpenMP runtime; a torch built with another runtime, or with a renamed copy of
+    libgomp, would get a second pool, which competes with its own)."""
     version = _compiler_version(compiler)
-    return platform.system() == "Linux" and "Free Software Foundation" in version and "clang" not in version.lower()
+    if platform.system() != "Linux" or "Free Software Foundation" not in version or "clang" in version.lower():
+        return False
+    try:
+        with open("/proc/self/maps") as maps:
+            return any(line.rstrip().endswith("/libgomp.so.1") for line in maps)
+    except OSError:
+        return False
 
 
 def _flag_sets(compiler: str) -> list[tuple[list[str], list[str]]]:
@@ -135,17 +159,26 @@ def _build(compiler: str, source: bytes, flags: tuple[list[str], list[str]]) -> 
     return target
 
 
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def _load() -> ctypes.CDLL:
     compiler = find_compiler()
     if compiler is None:
         raise KernelUnavailable("no C compiler (cc, gcc, clang or $CC) on the PATH")
-    source = resources.files("scvi_cli.nn").joinpath(SOURCE_NAME).read_bytes()
+    try:
+        source = resources.files("scvi_cli.nn").joinpath(SOURCE_NAME).read_bytes()
+        flag_sets = _flag_sets(compiler)
+    except (OSError, subprocess.SubprocessError) as error:
+        raise KernelUnavailable(_one_line(error)) from error
     errors = []
-    for flags in _flag_sets(compiler):
+    for flags in flag_sets:
         try:
             handle = ctypes.CDLL(str(_build(compiler, source, flags)))
         except (KernelUnavailable, OSError, subprocess.SubprocessError) as error:
-            errors.append(str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
+            errors.append(_one_line(error))
             continue
         handle.nb_nll_rows.restype = None
         handle.nb_nll_rows.argtypes = ARGUMENT_TYPES
@@ -154,7 +187,8 @@ def _load() -> ctypes.CDLL:
 
 
 def kernel() -> ctypes.CDLL:
-    """The loaded library (built at the first call of the process); KernelUnavailable if it can't be."""
+    """The loaded library (built at the first call of the process); KernelUnavailable if it can't
+    be, for the rest of the process."""
     if _LIBRARY["handle"] is None:
         if _LIBRARY["error"] is not None:
             raise KernelUnavailable(_LIBRARY["error"])
@@ -166,16 +200,22 @@ def kernel() -> ctypes.CDLL:
     return _LIBRARY["handle"]
 
 
-def _row_operand(t: torch.Tensor, n_rows: int, n_genes: int) -> tuple[torch.Tensor, int] | None:
-    """``t`` as the kernel reads it: one (G,) row shared by every row (stride 0) or a contiguous
-    (B, G) block (stride G); None for other shapes."""
+def _row_stride(t: torch.Tensor, n_rows: int, n_genes: int) -> int | None:
+    """How the kernel reads ``t`` against (B, G) entries: one (G,) row shared by every row
+    (stride 0) or a (B, G) block (stride G, (B, 1) expanded); None for other shapes."""
     if t.dim() == 1 or (t.dim() == 2 and t.shape[0] == 1):
-        if t.shape[-1] == n_genes:
-            return t.reshape(n_genes).contiguous(), 0
-        return None
-    if t.dim() == 2 and t.shape[-1] in (1, n_genes) and t.shape[0] == n_rows:
-        return t.expand(n_rows, n_genes).contiguous(), n_genes
+        return 0 if t.shape[-1] == n_genes else None
+    if t.dim() == 2 and t.shape[0] == n_rows and t.shape[-1] in (1, n_genes):
+        return n_genes
     return None
+
+
+def _row_operand(t: torch.Tensor, n_rows: int, n_genes: int) -> tuple[torch.Tensor, int]:
+    """``t`` laid out as ``_row_stride`` says (contiguous; a copy only where it is not already)."""
+    stride = _row_stride(t, n_rows, n_genes)
+    if stride == 0:
+        return t.reshape(n_genes).contiguous(), 0
+    return t.expand(n_rows, n_genes).contiguous(), n_genes
 
 
 def handles(x, loc: torch.Tensor, theta: torch.Tensor, pi_logits: torch.Tensor | None) -> bool:
@@ -185,11 +225,13 @@ def handles(x, loc: torch.Tensor, theta: torch.Tensor, pi_logits: torch.Tensor |
 
     if not isinstance(x, SparseRows) or loc.dim() != 2 or tuple(loc.shape) != x.shape:
         return False
-    tensors = (loc, theta) if pi_logits is None else (loc, theta, pi_logits)
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors) or x.values.dtype != torch.float32:
+    operands = (theta,) if pi_logits is None else (theta, pi_logits)
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in (loc, x.values, *operands)):
         return False
+    if any(t.device.type != "cpu" or t.dtype != torch.int64 or not t.is_contiguous() for t in (x.indptr, x.indices)):
+        return False  # SparseRows holds them so; the kernel reads raw memory
     n_rows, n_genes = loc.shape
-    return all(_row_operand(t, n_rows, n_genes) is not None for t in tensors[1:])
+    return all(_row_stride(t, n_rows, n_genes) is not None for t in operands)
 
 
 def nb_nll_rows(x, loc: torch.Tensor, theta: torch.Tensor, pi_logits: torch.Tensor | None, loc_is_log: bool,

@@ -41,6 +41,7 @@ static void fill_tables(void)
 /* digamma(y), y > 0: the recurrence up to y >= 6, then the asymptotic series (remainder ~1e-12) */
 static double digamma(double y)
 {
+    if (!(y > 0.0) || isinf(y)) return y == INFINITY ? INFINITY : NAN;   /* and the loop below ends */
     double shift = 0.0;
     while (y < 6.0) { shift += 1.0 / y; y += 1.0; }
     double inv = 1.0 / y, inv2 = inv * inv;
@@ -49,18 +50,20 @@ static double digamma(double y)
 }
 
 /* lgamma(x + theta) - lgamma(theta) - lgamma(x + 1) as log(*product) + *rest (the log taken by the
- * caller, vectorised), and digamma(theta) - digamma(x + theta) */
+ * caller, vectorised), and digamma(theta) - digamma(x + theta); NaN for a negative count */
 static void gamma_parts(double x, double theta, double *product, double *rest, double *d_theta)
 {
-    if (x <= SMALL_COUNT && x == floor(x) && theta < 1e12) {
+    if (!(x > 0.0)) { *product = 1.0; *rest = NAN; *d_theta = NAN; return; }
+    /* small integer counts: the product of x factors stays finite up to theta ~ 1e19 */
+    if (x <= SMALL_COUNT && x == floor(x) && theta < 1e18) {
         int n = (int)x;
         double p = 1.0, r = 0.0;
         for (int k = 0; k < n; k++) { p *= theta + k; r += 1.0 / (theta + k); }
         *product = p; *rest = -log_factorial[n]; *d_theta = -r;
         return;
     }
-    double lg_x1 = (x < LOG_FACTORIAL_SIZE && x == floor(x)) ? log_factorial[(int)x] : lgamma(x + 1.0);
     int sign;
+    double lg_x1 = (x < LOG_FACTORIAL_SIZE && x == floor(x)) ? log_factorial[(int)x] : lgamma_r(x + 1.0, &sign);
     *product = 1.0;
     *rest = lgamma_r(x + theta, &sign) - lgamma_r(theta, &sign) - lg_x1;
     *d_theta = digamma(theta) - digamma(x + theta);
@@ -113,7 +116,7 @@ static inline float dense_row(const int LOG, const int ZINB, int64_t G, const fl
             float r_p = 1.f / (1.f + e_p), r_b = 1.f / (1.f + e_b);
             float sig_p = p >= 0.f ? r_p : e_p * r_p, sig_b = b >= 0.f ? r_b : e_b * r_b;
             /* softplus(b) - softplus(p) = max(b, 0) - max(p, 0) + log((1 + e_b) / (1 + e_p)), the ratio in [1/2, 2] */
-            keep = 1.f - sig_b;
+            keep = b >= 0.f ? e_b * r_b : r_b;   /* 1 - sigmoid(b), without the cancellation */
             acc += (b > 0.f ? b : 0.f) - (p > 0.f ? p : 0.f) + logf((1.f + e_b) * r_p);
             d_pi[g] = sig_p - sig_b;
         }
@@ -140,17 +143,17 @@ static double counted_chunk(const int LOG, const int ZINB, int64_t m, float *c_x
         float u = mu * it, l1 = log1pf(u), q = 1.f / (1.f + u);
         float log_mu = LOG ? c_loc[k] : logf(c_loc[k] + EPS);
         float ll = x * (log_mu - logf(te) - l1);
-        float sig_b = 0.f;
-        if (ZINB) {   /* the zero-count entry held softplus(b) and the weight 1 - sigmoid(b) */
-            float b = c_p[k] + t * l1, e_b = exp_neg_abs(b);
-            float r_b = 1.f / (1.f + e_b);
-            sig_b = b >= 0.f ? r_b : e_b * r_b;
+        float sig_p = 0.f;
+        if (ZINB) {   /* the zero-count entry held softplus(b); d pi is sigmoid(pi) here */
+            float p = c_p[k], b = p + t * l1, e_b = exp_neg_abs(b), e_p = exp_neg_abs(p);
+            float r_p = 1.f / (1.f + e_p);
+            sig_p = p >= 0.f ? r_p : e_p * r_p;
             ll -= (b > 0.f ? b : 0.f) + log1pf(e_b);
         }
         o_ll[k] = ll;
         o_loc[k] = LOG ? t * u * q - x * q : t * it * q - x * (1.f / (c_loc[k] + EPS) - q * it);
         o_t[k] = (l1 - t * it * u * q) + x * q * it;
-        o_p[k] = sig_b;
+        o_p[k] = sig_p;
     }
     double total = 0.0;
     #pragma omp simd reduction(+:total)
@@ -182,7 +185,7 @@ static double counted_entries(const int LOG, const int ZINB, int64_t n, const in
             int64_t g = c_g[k];
             d_loc[g] = o_loc[k];
             d_theta[g] = o_t[k];
-            if (ZINB) d_pi[g] += o_p[k];
+            if (ZINB) d_pi[g] = o_p[k];
         }
     }
     return total;

@@ -344,9 +344,9 @@ def _train(
             "seed": seed,
             "device": str(torch_device),
             "threads": torch.get_num_threads(),
-            # Poisson has no NB / ZINB likelihood to compile
+            # the native kernel runs on the CPU, for NB / ZINB (Poisson has no such kernel)
             "compiled_likelihood": settings.compile and likelihood_compile_failure() is None
-            and getattr(spec.model, "gene_likelihood", None) != "poisson",
+            and torch_device.type == "cpu" and getattr(spec.model, "gene_likelihood", None) != "poisson",
             "seconds": round(state.seconds, 3),
             "wall_seconds_this_run": round(time.perf_counter() - started, 3),
             "source": str(data_path),
