@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from scvi_cli.nn.sparse_input import SparseRows
+
 SOURCE_NAME = "nb_kernel.c"
 BASE_FLAGS = ["-O3", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd"]
 LIBRARIES = ["-lm", "-lpthread"]
@@ -221,8 +223,6 @@ def _row_operand(t: torch.Tensor, n_rows: int, n_genes: int) -> tuple[torch.Tens
 def handles(x, loc: torch.Tensor, theta: torch.Tensor, pi_logits: torch.Tensor | None) -> bool:
     """Whether the kernel computes this likelihood: float32 CSR counts on the CPU of exactly the
     shape of ``loc`` (B, G), and theta / pi_logits per gene or per entry."""
-    from scvi_cli.nn.sparse_input import SparseRows
-
     if not isinstance(x, SparseRows) or loc.dim() != 2 or tuple(loc.shape) != x.shape:
         return False
     operands = (theta,) if pi_logits is None else (theta, pi_logits)

@@ -98,6 +98,16 @@ static inline float exp_neg_abs(float t)
     return expf(-(a < 80.f ? a : 80.f));
 }
 
+/* sigmoid(t) from e = exp(-|t|): 1 / (1 + e) for t >= 0, e / (1 + e) below */
+#pragma omp declare simd notinbranch
+static inline float sigmoid_from(float t, float e)
+{
+    float r = 1.f / (1.f + e);
+    return t >= 0.f ? r : e * r;
+}
+
+static inline float relu(float t) { return t > 0.f ? t : 0.f; }
+
 /* every entry of one row as a zero count; returns the row's sum of log p */
 static inline float dense_row(const int LOG, const int ZINB, int64_t G, const float *restrict loc,
                               const float *restrict th, const float *restrict pi, float *restrict d_loc,
@@ -113,12 +123,10 @@ static inline float dense_row(const int LOG, const int ZINB, int64_t G, const fl
         if (ZINB) {
             float p = pi[g], b = p + t * l1;
             float e_p = exp_neg_abs(p), e_b = exp_neg_abs(b);
-            float r_p = 1.f / (1.f + e_p), r_b = 1.f / (1.f + e_b);
-            float sig_p = p >= 0.f ? r_p : e_p * r_p, sig_b = b >= 0.f ? r_b : e_b * r_b;
+            keep = sigmoid_from(-b, e_b);   /* 1 - sigmoid(b), without the cancellation */
             /* softplus(b) - softplus(p) = max(b, 0) - max(p, 0) + log((1 + e_b) / (1 + e_p)), the ratio in [1/2, 2] */
-            keep = b >= 0.f ? e_b * r_b : r_b;   /* 1 - sigmoid(b), without the cancellation */
-            acc += (b > 0.f ? b : 0.f) - (p > 0.f ? p : 0.f) + logf((1.f + e_b) * r_p);
-            d_pi[g] = sig_p - sig_b;
+            acc += relu(b) - relu(p) + logf((1.f + e_b) * (1.f / (1.f + e_p)));
+            d_pi[g] = sigmoid_from(p, e_p) - sigmoid_from(b, e_b);
         }
         acc -= t * l1;
         d_loc[g] = LOG ? keep * t * u * q : keep * t * it * q;
@@ -145,10 +153,9 @@ static double counted_chunk(const int LOG, const int ZINB, int64_t m, float *c_x
         float ll = x * (log_mu - logf(te) - l1);
         float sig_p = 0.f;
         if (ZINB) {   /* the zero-count entry held softplus(b); d pi is sigmoid(pi) here */
-            float p = c_p[k], b = p + t * l1, e_b = exp_neg_abs(b), e_p = exp_neg_abs(p);
-            float r_p = 1.f / (1.f + e_p);
-            sig_p = p >= 0.f ? r_p : e_p * r_p;
-            ll -= (b > 0.f ? b : 0.f) + log1pf(e_b);
+            float p = c_p[k], b = p + t * l1;
+            sig_p = sigmoid_from(p, exp_neg_abs(p));
+            ll -= relu(b) + log1pf(exp_neg_abs(b));
         }
         o_ll[k] = ll;
         o_loc[k] = LOG ? t * u * q - x * q : t * it * q - x * (1.f / (c_loc[k] + EPS) - q * it);
@@ -191,33 +198,34 @@ static double counted_entries(const int LOG, const int ZINB, int64_t n, const in
     return total;
 }
 
+/* a row's log p (derivatives written), for constant LOG / ZINB: each call site below is specialised */
+static inline __attribute__((always_inline)) double row_log_p(const int LOG, const int ZINB, int64_t G, const float *loc,
+                                                                 const float *th, const float *pi, int64_t n,
+                                                                 const int64_t *cols, const float *xs, float *d_loc,
+                                                                 float *d_theta, float *d_pi)
+{
+    double zeros = dense_row(LOG, ZINB, G, loc, th, pi, d_loc, d_theta, d_pi);
+    return zeros + counted_entries(LOG, ZINB, n, cols, xs, loc, th, pi, d_loc, d_theta, d_pi);
+}
+
 static void row(const Work *w, int64_t r)
 {
     const int64_t G = w->n_genes;
-    const int zinb = w->pi != NULL, log_loc = w->loc_is_log;
+    const int zinb = w->pi != NULL;
     const float *loc = w->loc + r * G, *th = w->theta + r * w->theta_stride;
     const float *pi = zinb ? w->pi + r * w->pi_stride : NULL;
     float *d_loc = w->d_loc + r * G, *d_theta = w->d_theta + r * G, *d_pi = zinb ? w->d_pi + r * G : NULL;
     const int64_t begin = w->indptr[r], n = w->indptr[r + 1] - begin;
     const int64_t *cols = w->indices + begin;
     const float *xs = w->values + begin;
-    float zeros;
-    double counted;
-    /* constant LOG / ZINB arguments: the compiler specialises each loop */
-    if (log_loc && zinb) {
-        zeros = dense_row(1, 1, G, loc, th, pi, d_loc, d_theta, d_pi);
-        counted = counted_entries(1, 1, n, cols, xs, loc, th, pi, d_loc, d_theta, d_pi);
-    } else if (log_loc) {
-        zeros = dense_row(1, 0, G, loc, th, pi, d_loc, d_theta, d_pi);
-        counted = counted_entries(1, 0, n, cols, xs, loc, th, pi, d_loc, d_theta, d_pi);
-    } else if (zinb) {
-        zeros = dense_row(0, 1, G, loc, th, pi, d_loc, d_theta, d_pi);
-        counted = counted_entries(0, 1, n, cols, xs, loc, th, pi, d_loc, d_theta, d_pi);
-    } else {
-        zeros = dense_row(0, 0, G, loc, th, pi, d_loc, d_theta, d_pi);
-        counted = counted_entries(0, 0, n, cols, xs, loc, th, pi, d_loc, d_theta, d_pi);
-    }
-    w->nll[r] = -(float)((double)zeros + counted);
+    double log_p;
+    if (w->loc_is_log)
+        log_p = zinb ? row_log_p(1, 1, G, loc, th, pi, n, cols, xs, d_loc, d_theta, d_pi)
+                     : row_log_p(1, 0, G, loc, th, pi, n, cols, xs, d_loc, d_theta, d_pi);
+    else
+        log_p = zinb ? row_log_p(0, 1, G, loc, th, pi, n, cols, xs, d_loc, d_theta, d_pi)
+                     : row_log_p(0, 0, G, loc, th, pi, n, cols, xs, d_loc, d_theta, d_pi);
+    w->nll[r] = -(float)log_p;
 }
 
 /* Every row, on n_threads OpenMP threads where the build has OpenMP (GCC's libgomp: inside a
@@ -231,7 +239,7 @@ void nb_nll_rows(int64_t n_rows, int64_t n_genes, int n_threads, int loc_is_log,
     pthread_once(&tables_once, fill_tables);
     const Work w = {n_genes, loc_is_log, loc, theta, pi, theta_stride, pi_stride, indptr, indices, values,
                     nll, d_loc, d_theta, d_pi};
-    (void)n_threads;
+    (void)n_threads;   /* read by the pragma only, which a build without OpenMP drops */
     #pragma omp parallel for schedule(static) num_threads(n_threads > 0 ? n_threads : 1) if (n_threads > 1 && n_rows > 1)
     for (int64_t r = 0; r < n_rows; r++) row(&w, r);
 }

@@ -159,9 +159,6 @@ class Adam(torch.optim.Adam):
         for group, (params, flips, views, exp_avgs, exp_avg_sqs, steps) in zip(self.param_groups, groups):
             if not params:
                 continue
-            if group["amsgrad"] or group["maximize"] or not group.get("fused"):  # changed since the plan
-                self._plan = None
-                return False
             grads = [_contiguous(p.grad.t() if flip else p.grad) for p, flip in zip(params, flips)]
             beta1, beta2 = group["betas"]
             torch._foreach_add_(steps, 1)
@@ -173,11 +170,14 @@ class Adam(torch.optim.Adam):
         return True
 
     def _plan_key(self) -> tuple:
-        """What the plan of ``_direct_plan`` depends on and can change between steps: which
-        parameters have a gradient, where their data and gradients live and in which layout."""
+        """What the plan of ``_direct_plan`` depends on and can change between steps: the groups'
+        kernel options, which parameters have a gradient, where their data and gradients live and
+        in which layout."""
         return tuple(
-            (p.data_ptr(), p.stride(), None if p.grad is None else (p.grad.stride(), p.grad.dtype, p.grad.layout))
-            for group in self.param_groups for p in group["params"]
+            (group["amsgrad"], group["maximize"], group.get("fused"),
+             tuple((p.data_ptr(), p.stride(), None if p.grad is None else (p.grad.stride(), p.grad.dtype, p.grad.layout))
+                   for p in group["params"]))
+            for group in self.param_groups
         )
 
     def _direct_plan(self) -> list | None:
